@@ -1,0 +1,1 @@
+"""Checkpoint loading, the Llama module, tokenizers and per-format exporters."""

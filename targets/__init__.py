@@ -1,0 +1,1 @@
+"""Runtimes that execute artifacts on this host, and (later) per-target validation."""

@@ -1,0 +1,90 @@
+"""Session fixtures: tiny checkpoints in every layout, each exported at most once per session
+(lowering even a 2-layer model takes tens of seconds on 2 cores)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+
+from checkpoints import (  # noqa: E402
+    LLAMA2_TOKENIZER,
+    LLAMA3_TOKENIZER,
+    tiny_hf_model,
+    train_bpe,
+    write_gguf,
+    write_hf,
+    write_meta,
+)
+
+LLAMA31_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+@pytest.fixture(scope="session")
+def llama2_hf_model():
+    """Llama 2 shape: real tokenizer, vocab 32000, MHA."""
+    return tiny_hf_model(32000, n_kv_heads=4, bos=1, eos=2, seed=1)
+
+
+@pytest.fixture(scope="session")
+def llama3_hf_model():
+    """Llama 3.1 shape: real tiktoken vocabulary (128256), GQA, rope theta 500k + llama3 scaling."""
+    return tiny_hf_model(
+        128256, n_kv_heads=2, rope_theta=500000.0, rope_scaling=dict(LLAMA31_ROPE),
+        bos=128000, eos=[128001, 128009], seed=2,
+    )
+
+
+@pytest.fixture(scope="session")
+def llama2_hf_dir(tmp_path_factory, llama2_hf_model) -> Path:
+    return write_hf(llama2_hf_model, tmp_path_factory.mktemp("llama2_hf"), LLAMA2_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def llama2_meta_dir(tmp_path_factory, llama2_hf_model) -> Path:
+    return write_meta(llama2_hf_model, tmp_path_factory.mktemp("llama2_meta"), LLAMA2_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def llama3_hf_dir(tmp_path_factory, llama3_hf_model) -> Path:
+    return write_hf(llama3_hf_model, tmp_path_factory.mktemp("llama3_hf"), LLAMA3_TOKENIZER, shard="8MB")
+
+
+@pytest.fixture(scope="session")
+def llama3_meta_dir(tmp_path_factory, llama3_hf_model) -> Path:
+    return write_meta(llama3_hf_model, tmp_path_factory.mktemp("llama3_meta"), LLAMA3_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def bpe_vocab():
+    return train_bpe(320)
+
+
+@pytest.fixture(scope="session")
+def gguf_model(bpe_vocab):
+    tokens, _, _ = bpe_vocab
+    return tiny_hf_model(len(tokens), n_kv_heads=2, tied=True, bos=1, eos=2, seed=3)
+
+
+@pytest.fixture(scope="session")
+def gguf_path(tmp_path_factory, gguf_model, bpe_vocab) -> Path:
+    tokens, merges, types = bpe_vocab
+    return write_gguf(gguf_model, tmp_path_factory.mktemp("gguf") / "tiny.gguf", tokens, merges, types)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from llamaship.pipeline import default_model
+
+    return default_model()
