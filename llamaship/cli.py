@@ -178,8 +178,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_library_warnings() -> None:
+    """torch.export / ExecuTorch / torchao emit hundreds of deprecation warnings per export that
+    bury the progress lines; users can restore them with PYTHONWARNINGS=default."""
+    import logging
+    import os
+    import warnings
+
+    if not os.environ.get("PYTHONWARNINGS"):
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|executorch|torchao)\.")
+    for name in ("torch", "torchao", "executorch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_library_warnings()
     if getattr(args, "format", None) is None and args.command == "export":
         args.format = ["executorch"]
     try:
