@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from llamaship.bundle import sha256_file
 from llamaship.errors import CheckpointError
 from llamaship.export.spec import ModelSpec
 from llamaship.export.tokenizer import Tokenizer
@@ -37,16 +38,8 @@ class Checkpoint:
         digest = hashlib.sha256()
         for path in sorted(self.files, key=lambda p: p.name):
             digest.update(path.name.encode())
-            digest.update(file_sha256(path).encode())
+            digest.update(sha256_file(path).encode())
         return digest.hexdigest()
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def permute_meta_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -166,3 +159,42 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
+
+
+def load_spec(model: str | Path) -> ModelSpec:
+    """The ModelSpec alone, without reading weights: enough for `llamaship fit` on a 70 GB
+    checkpoint, or on just its config.json / params.json."""
+    path = resolve_model(model)
+    if path.is_file() and path.name == "config.json":
+        from llamaship.export.load_hf import spec_from_config
+
+        return spec_from_config(read_json(path), path, name=path.parent.name)
+    if path.is_file() and path.name == "params.json":
+        return _meta_spec(path)
+    layout = detect_layout(path)
+    if layout == "hf":
+        return load_spec(path / "config.json")
+    if layout == "meta":
+        return _meta_spec(path / "params.json")
+    from llamaship.export.load_gguf import gguf_spec, read_gguf
+
+    gguf_path = path if path.is_file() else sorted(path.glob("*.gguf"))[0]
+    return gguf_spec(read_gguf(gguf_path)[1], gguf_path)
+
+
+def _meta_spec(params_path: Path) -> ModelSpec:
+    from llamaship.export.load_meta import spec_from_params
+
+    params = read_json(params_path)
+    vocab = params.get("vocab_size", -1)
+    if not isinstance(vocab, int) or vocab <= 0:  # Llama 2's params.json says -1
+        tok = params_path.parent / "tokenizer.model"
+        if not tok.exists():
+            raise CheckpointError(
+                f"{params_path}: vocab_size is {vocab}; the vocabulary comes from tokenizer.model, "
+                "which is not beside it"
+            )
+        from llamaship.export.tokenizer import load_tokenizer_model
+
+        vocab = load_tokenizer_model(tok).vocab_size
+    return spec_from_params(params, vocab, params_path, name=params_path.parent.name)

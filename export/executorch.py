@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from llamaship.errors import ExportError
+from llamaship.errors import ExportError, UnsupportedError
 from llamaship.export.model import Llama, build_model
 from llamaship.export.spec import ModelSpec
 from llamaship.quantize.scheme import QuantScheme
@@ -65,6 +65,11 @@ def export_pte(
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
     from torch.export import Dim
 
+    if scheme is not None and not scheme.symmetric:
+        raise UnsupportedError(
+            "asymmetric 4-bit weights are not supported for ExecuTorch/XNNPACK: the lowered program "
+            "computed wrong logits (87% of the logit range off on a test model); use symmetric groups"
+        )
     load_custom_ops()
     max_seq_len = min(max_seq_len or max_context, max_context)
     timings: dict[str, float] = {}

@@ -122,7 +122,7 @@ def build_tokenizer(meta: dict[str, Any], source: Path) -> Tokenizer:
     )
 
 
-def load_gguf(path: Path) -> Checkpoint:
+def read_gguf(path: Path) -> tuple[Any, dict[str, Any]]:
     import gguf
 
     try:
@@ -135,7 +135,10 @@ def load_gguf(path: Path) -> Checkpoint:
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise UnsupportedError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
-    tokenizer = build_tokenizer(meta, path)
+    return reader, meta
+
+
+def gguf_spec(meta: dict[str, Any], path: Path) -> ModelSpec:
     try:
         dim = int(meta["llama.embedding_length"])
         heads = int(meta["llama.attention.head_count"])
@@ -156,6 +159,16 @@ def load_gguf(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: GGUF metadata lacks {exc}") from exc
     if meta.get("llama.rope.scaling.type") not in (None, "none"):
         raise UnsupportedError(f"{path}: GGUF rope scaling is not supported yet")
+
+    return spec
+
+
+def load_gguf(path: Path) -> Checkpoint:
+    import gguf
+
+    reader, meta = read_gguf(path)
+    tokenizer = build_tokenizer(meta, path)
+    spec = gguf_spec(meta, path)
 
     state: dict[str, torch.Tensor] = {}
     for t in reader.tensors:

@@ -1,7 +1,8 @@
 """`llamaship` command line: a thin layer over llamaship.pipeline / bundle / targets.
 
 Exit codes: 0 success; 1 unexpected error; 2 bad checkpoint; 3 unsupported request;
-4 bundle invalid or output exists; 5 export failed; 6 runtime failed; 130 interrupted.
+4 bundle invalid or output exists; 5 export failed; 6 runtime failed; 7 a validation gate
+failed (the bundle and its report are written); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -46,8 +47,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         scheme=scheme,
         formats=tuple(args.format),
         max_context=args.max_context,
+        max_seq_len=args.max_seq_len,
         force=args.force,
         smoke_prompt=None if args.no_smoke else args.prompt,
+        targets=tuple(args.target or ["x86_emulator"]),
+        validate=not args.no_validate,
+        eval_tokens=args.eval_tokens,
+        ignore_fit=args.ignore_fit,
         progress=_progress_printer(),
     )
     files = manifest["files"]
@@ -65,7 +71,74 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"decode {st.get('decode_token_per_sec', 0):.1f} tok/s "
             f"({st.get('prompt_tokens')} prompt / {st.get('generated_tokens')} generated tokens)"
         )
+    validation = manifest.get("validation")
+    if validation:
+        print_validation(Path(args.out))
+        return 0 if validation["passed"] else 7
     return 0
+
+
+def print_validation(bundle: Path) -> None:
+    report = json.loads((bundle / "report.json").read_text())
+    print(f"validation ({report['slice']}), fp32 reference PPL {report['reference']['ppl']:.3f}:")
+    for a in report["artifacts"]:
+        acc, sp = a["accuracy"], a.get("speed")
+        speed = (f"; prefill {sp['prefill_tok_s']['median']:.1f} tok/s, decode "
+                 f"{sp['decode_tok_s']['median']:.1f} tok/s, TTFT {sp['ttft_ms']['median']:.0f} ms, "
+                 f"peak RSS {sp['peak_rss_mb']:.0f} MB" if sp else "")
+        print(f"  {a['path']} [{a['scheme']}]: PPL {acc['ppl']:.3f} (x{acc['ppl_ratio']:.3f}), "
+              f"KLD {acc['mean_kld']:.4f}, top-1 {acc['top1_agreement']:.3f}{speed}")
+    for t in report["targets"]:
+        failed = [g for g in t["gates"] if not g["passed"]]
+        verdict = "PASS" if not failed else "FAIL: " + ", ".join(
+            f"{g['gate']} {g['value']} vs limit {g['limit']}" + (f" (by {g['by']:+})" if g["by"] is not None else "")
+            for g in failed)
+        print(f"  target {t['profile']} ({t['speed_source']}; ceiling "
+              f"{t['fit']['decode_ceiling_tok_s']:.1f} tok/s): {verdict}")
+    print(f"  report: {bundle / 'report.md'}")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from llamaship.bundle import read_manifest, verify_bundle, write_manifest
+    from llamaship.errors import BundleError
+    from llamaship.export.checkpoint import load_checkpoint
+    from llamaship.pipeline import run_validation
+    from llamaship.targets.profile import load_profile
+
+    bundle = Path(args.bundle)
+    problems = verify_bundle(bundle)
+    if problems:
+        raise BundleError(f"{bundle}: fails verification ({problems[0]}); run `llamaship verify`")
+    manifest = read_manifest(bundle)
+    source = args.model or manifest["model"]["source"]
+    ckpt = load_checkpoint(source, progress=_progress_printer())
+    if ckpt.sha256() != manifest["model"]["source_sha256"]:
+        raise BundleError(f"{source}: not the checkpoint this bundle was exported from (sha256 differs)")
+    profiles = [load_profile(p) for p in args.profile or ["x86_emulator"]]
+    meta = {k: v for k, v in manifest.items() if k not in ("files", "schema_version")}
+    meta["validation"] = run_validation(ckpt, bundle, meta, profiles, args.eval_tokens,
+                                        _progress_printer())
+    write_manifest(bundle, meta)
+    print_validation(bundle)
+    return 0 if meta["validation"]["passed"] else 7
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from llamaship.export.checkpoint import load_spec
+    from llamaship.pipeline import default_model
+    from llamaship.quantize.scheme import QuantScheme
+    from llamaship.targets.fit import predict_fit
+    from llamaship.targets.profile import BUILTIN, load_profile
+
+    spec = load_spec(args.model or default_model())
+    scheme = None if args.quant == "fp32" else QuantScheme(
+        bits=4 if args.quant == "8da4w" else 8, group_size=args.group_size)
+    fits = []
+    for name in args.profile or list(BUILTIN):
+        fit = predict_fit(spec, scheme, load_profile(name), context=args.context)
+        fits.append(fit)
+        print(json.dumps(fit.to_json()) if args.json else fit.summary())
+    return 0 if all(f.fits for f in fits) else 3
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -144,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weights per quantization group (default 32); must divide the model's "
                     "hidden and FFN sizes")
     ex.add_argument("--asymmetric", action="store_true",
-                    help="asymmetric weight groups (scale + zero point) instead of symmetric")
+                    help="asymmetric weight groups (scale + zero point); refused for executorch, whose "
+                    "XNNPACK kernels gave wrong results with them")
     ex.add_argument("--embedding-bits", type=int, default=4, choices=[0, 4, 8],
                     help="quantize the token embedding per group to 4 or 8 bits (0 keeps fp32)")
     ex.add_argument("--lm-head-bits", type=int, default=8, choices=[0, 4, 8],
@@ -153,9 +227,22 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-context", type=int, default=2048,
                     help="KV cache length = longest prompt + generation (default 2048, capped at "
                     "the model's own)")
+    ex.add_argument("--max-seq-len", type=int, default=128,
+                    help="most tokens per forward call (the runner prefills longer prompts in chunks "
+                    "of this size); activation memory scales with it (default 128)")
     ex.add_argument("--prompt", default="The capital of France is", help="smoke-test prompt")
     ex.add_argument("--no-smoke", action="store_true", help="skip the smoke generation")
     ex.add_argument("--force", action="store_true", help="replace --out if it exists")
+    ex.add_argument("--target", action="append", metavar="PROFILE",
+                    help="validate for this target: x86_emulator (default), qualcomm, apple, or a "
+                    "profile .toml; repeatable")
+    ex.add_argument("--no-validate", action="store_true",
+                    help="skip accuracy/speed validation (no report in the bundle)")
+    ex.add_argument("--eval-tokens", type=int, default=4096,
+                    help="WikiText-2 test tokens for the accuracy check during export (default 4096; "
+                    "`llamaship validate` uses the profile's 32768)")
+    ex.add_argument("--ignore-fit", action="store_true",
+                    help="export even when the predicted RAM exceeds a target's budget")
     ex.set_defaults(func=cmd_export)
 
     gen = sub.add_parser("generate", help="generate text from a bundle on this host",
@@ -175,6 +262,31 @@ def build_parser() -> argparse.ArgumentParser:
                          "(flipped byte, missing or extra file, unsafe path, newer schema).")
     ver.add_argument("bundle", help="bundle folder")
     ver.set_defaults(func=cmd_verify)
+
+    val = sub.add_parser("validate", help="measure a bundle's accuracy and speed for target profiles",
+                         description="Accuracy (PPL, KLD, top-1, RMS dp vs the fp32 reference) on each "
+                         "artifact's own runtime, speed, device fit and gates; writes report.json/md/png "
+                         "into the bundle. Exit 7 when a gate fails.")
+    val.add_argument("bundle", help="bundle folder")
+    val.add_argument("--profile", action="append",
+                     help="x86_emulator (default), qualcomm, apple, or a .toml file; repeatable")
+    val.add_argument("--model", help="source checkpoint, if it moved since export (sha256 is checked)")
+    val.add_argument("--eval-tokens", type=int, default=None,
+                     help="evaluation slice length (default: the profile's, 32768)")
+    val.set_defaults(func=cmd_validate)
+
+    fit = sub.add_parser("fit", help="predict RAM use and the decode speed ceiling per target",
+                         description="Weights + KV cache vs each profile's RAM budget, and the "
+                         "bandwidth roofline (bytes read per token / memory bandwidth). Reads only "
+                         "the config: works on config.json / params.json alone. Exit 3 if it does not fit.")
+    fit.add_argument("--model", help="checkpoint folder, config.json, params.json or .gguf "
+                     "(default: the embedded SmolLM2)")
+    fit.add_argument("--profile", action="append", help="profile name or .toml (default: all built-in)")
+    fit.add_argument("--context", type=int, default=None, help="KV cache length (default: the profile's)")
+    fit.add_argument("--quant", choices=["8da4w", "8da8w", "fp32"], default="8da4w", help="weight scheme")
+    fit.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128, 256], help="group size")
+    fit.add_argument("--json", action="store_true", help="one JSON object per profile")
+    fit.set_defaults(func=cmd_fit)
     return parser
 
 

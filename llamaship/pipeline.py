@@ -57,14 +57,21 @@ def export_bundle(
     scheme: QuantScheme | None = None,
     formats: tuple[str, ...] = ("executorch",),
     max_context: int = 2048,
+    max_seq_len: int = 128,
     force: bool = False,
     smoke_prompt: str | None = SMOKE_PROMPT,
     smoke_tokens: int = 32,
+    targets: tuple[str, ...] = ("x86_emulator",),
+    validate: bool = True,
+    eval_tokens: int | None = 4096,
+    ignore_fit: bool = False,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Export `model` (path, Hub id, or None for the embedded default) into a bundle at `out`.
+    """Export `model` (path, Hub id, or None for the embedded default) into a bundle at `out`,
+    validated for each target profile unless `validate=False`.
 
-    `scheme=None` exports fp32. Returns the manifest. Nothing is left at `out` on failure."""
+    `scheme=None` exports fp32. Returns the manifest (its "validation" entry says whether every
+    gate passed). Nothing is left at `out` on failure."""
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise UnsupportedError(f"format(s) {unknown} not supported yet; available: {list(FORMATS)}")
@@ -80,6 +87,19 @@ def export_bundle(
     max_context = min(max_context, spec.max_context)
     if scheme is not None:
         scheme.check_fits(spec)
+    from llamaship.targets.fit import predict_fit
+    from llamaship.targets.profile import load_profile
+
+    profiles = [load_profile(t) for t in targets]
+    for profile in profiles:
+        fit = predict_fit(spec, scheme, profile, context=max_context)
+        progress(f"device fit: {fit.summary()}")
+        if not fit.fits and not ignore_fit:
+            raise UnsupportedError(
+                f"{spec.name} needs {fit.total_bytes / 1e9:.2f} GB at context {max_context} but the "
+                f"{profile.name} profile allows {profile.ram_budget_gb} GB; lower --max-context, "
+                "use a smaller model, or pass --ignore-fit to export anyway"
+            )
     progress(
         f"model {spec.name}: {spec.param_count() / 1e6:.1f}M params, {spec.n_layers} layers, "
         f"dim {spec.dim}, vocab {spec.vocab_size}; scheme {scheme.name if scheme else 'fp32'}, "
@@ -92,12 +112,13 @@ def export_bundle(
         if "executorch" in formats:
             from llamaship.export.executorch import export_pte
 
+            max_seq_len = min(max_seq_len, max_context)
             t = export_pte(spec, ckpt.state, scheme, tmp / "model.pte", max_context=max_context,
-                           progress=progress)
+                           max_seq_len=max_seq_len, progress=progress)
             timings |= {f"executorch_{k}": round(v, 2) for k, v in t.items()}
             artifacts.append({
                 "format": "executorch", "path": "model.pte", "backend": "xnnpack",
-                "max_context": max_context, "max_seq_len": max_context, "full_logits": False,
+                "max_context": max_context, "max_seq_len": max_seq_len, "full_logits": False,
                 "inputs": {"tokens": "int64 [1, T]", "input_pos": "int64 [1]"},
                 "outputs": {"logits": "float32 [1, vocab] (last position)"},
             })
@@ -111,8 +132,8 @@ def export_bundle(
                            num_bos=1 if spec.add_bos and spec.bos_id is not None else 0)
             smoke = {"runtime": "executorch TextLLMRunner (x86_64 host)", "prompt": smoke_prompt,
                      "text": gen.text, "stats": gen.stats}
-        manifest = write_manifest(tmp, {
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        meta: dict[str, Any] = {
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "model": {
                 "name": spec.name, "source": str(ckpt.source), "layout": ckpt.layout,
                 "source_sha256": source_sha, "spec": spec.to_json(),
@@ -130,5 +151,26 @@ def export_bundle(
                        "peak_rss_mb": round(peak_rss_mb(), 1), "stages_s": timings},
             "smoke_test": smoke,
             "tools": tool_versions(),
-        })
+        }
+        if validate:
+            meta["validation"] = run_validation(ckpt, tmp, meta, profiles, eval_tokens, progress)
+        manifest = write_manifest(tmp, meta)
     return manifest
+
+
+def run_validation(
+    ckpt: Any, folder: Path, meta: dict[str, Any], profiles: list[Any], eval_tokens: int | None,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """Validate, write report.{json,md,png} into `folder`, return the manifest's summary."""
+    from llamaship.targets.report import write_report
+    from llamaship.targets.validate import validate
+
+    report = validate(ckpt, folder, meta, profiles, eval_tokens=eval_tokens, progress=progress)
+    write_report(report, folder)
+    return {
+        "report": "report.json",
+        "passed": report["passed"],
+        "targets": {t["profile"]: t["passed"] for t in report["targets"]},
+        "slice": report["slice"],
+    }

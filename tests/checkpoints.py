@@ -21,6 +21,8 @@ DATA = SHARED / "data"
 LLAMA2_TOKENIZER = DATA / "tokenizers" / "llama2-tokenizer.model"
 LLAMA3_TOKENIZER = DATA / "tokenizers" / "llama3-tokenizer.model"
 
+# Written out here rather than imported from the loaders on purpose: a wrong mapping in a loader
+# must make the parity tests fail, not be mirrored by the writer.
 META_NAMES = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
     "model.norm.weight": "norm.weight",

@@ -88,3 +88,66 @@ def smollm2_gguf() -> Path:
     from llamaship.pipeline import default_model
 
     return default_model()
+
+
+TINY_PROFILE = """
+name = "tiny_test"
+device = "this host (test profile for random tiny models)"
+formats = ["executorch"]
+measured_here = true
+ram_gb = 4.0
+ram_budget_gb = 2.0
+bandwidth_gbs = 20.0
+max_context = 128
+[quant]
+group_size = 32
+[gates]
+max_kld = 0.1
+min_top1 = 0.35
+max_ppl_ratio = 1.1
+min_decode_tok_s = 1.0
+[eval]
+tokens = 512
+window = 128
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_profile(tmp_path_factory) -> Path:
+    """Random tiny models have flat logits: top-1 agreement is low even when the artifact is
+    right, so their gates are set for that; KLD stays the sharp check."""
+    path = tmp_path_factory.mktemp("profiles") / "tiny_test.toml"
+    path.write_text(TINY_PROFILE)
+    return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    os.environ["LLAMASHIP_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(gguf_path):
+    from llamaship.export.checkpoint import load_checkpoint
+
+    return load_checkpoint(gguf_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32_pte(tmp_path_factory, tiny_ckpt) -> Path:
+    from llamaship.export.executorch import export_pte
+
+    path = tmp_path_factory.mktemp("pte") / "fp32.pte"
+    export_pte(tiny_ckpt.spec, tiny_ckpt.state, None, path, max_context=128, progress=lambda s: None)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_q_pte(tmp_path_factory, tiny_ckpt) -> Path:
+    from llamaship.export.executorch import export_pte
+    from llamaship.quantize.scheme import QuantScheme
+
+    path = tmp_path_factory.mktemp("pte") / "8da4w.pte"
+    export_pte(tiny_ckpt.spec, tiny_ckpt.state, QuantScheme(), path, max_context=128,
+               progress=lambda s: None)
+    return path

@@ -16,10 +16,10 @@ from llamaship.cli import main
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, gguf_path) -> Path:
+def bundle(tmp_path_factory, gguf_path, tiny_profile) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    code = main(["export", "--model", str(gguf_path), "--out", str(out), "--max-context", "64",
-                 "--prompt", "The tower"])
+    code = main(["export", "--model", str(gguf_path), "--out", str(out), "--max-context", "128",
+                 "--prompt", "The tower", "--target", str(tiny_profile), "--eval-tokens", "512"])
     assert code == 0
     return out
 
@@ -31,7 +31,8 @@ def leftovers(parent: Path) -> list[str]:
 def test_bundle_contents(bundle, gguf_path):
     manifest = json.loads((bundle / MANIFEST).read_text())
     assert manifest["schema_version"] == 1
-    assert set(manifest["files"]) == {"model.pte", "tokenizer.json"}
+    assert set(manifest["files"]) == {"model.pte", "tokenizer.json", "report.json", "report.md", "report.png"}
+    assert manifest["validation"]["report"] == "report.json" and manifest["validation"]["passed"]
     assert manifest["model"]["layout"] == "gguf"
     assert len(manifest["model"]["source_sha256"]) == 64
     assert manifest["model"]["spec"]["n_layers"] == 2

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,15 +14,16 @@ pytestmark = pytest.mark.slow
 
 
 def llamaship(*args: str) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("llamaship")
-    assert exe, "llamaship console script not installed"
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=1800)
+    """The console script of the environment running the tests (not whatever is first on PATH)."""
+    exe = Path(sys.executable).parent / "llamaship"
+    assert exe.exists(), f"llamaship console script not installed in {exe.parent}"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=1800)
 
 
 def test_smollm2_bundle_answers_paris(tmp_path: Path):
     out = tmp_path / "smollm2"
     res = llamaship("export", "--out", str(out))
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     manifest = json.loads((out / "manifest.json").read_text())
     smoke = manifest["smoke_test"]
     assert "Paris" in smoke["text"], smoke["text"]
@@ -31,6 +32,21 @@ def test_smollm2_bundle_answers_paris(tmp_path: Path):
     # 135M params at ~4.5 bits plus an 8-bit lm_head: well under the 190 MB stock export
     assert manifest["files"]["model.pte"]["size"] < 130e6
     assert llamaship("verify", str(out)).returncode == 0
+    # validation ran with the default x86_emulator profile on a 4096-token slice
+    report = json.loads((out / "report.json").read_text())
+    acc = report["artifacts"][0]["accuracy"]
+    assert manifest["validation"]["passed"], report["targets"][0]["gates"]
+    assert 0 < acc["mean_kld"] < 0.5 and acc["top1_agreement"] > 0.7 and acc["ppl_ratio"] < 1.5
+    assert report["artifacts"][0]["speed"]["decode_tok_s"]["median"] > 20
+    # device-fit weights prediction vs the real .pte
+    from llamaship.export.checkpoint import load_spec
+    from llamaship.pipeline import default_model
+    from llamaship.quantize.scheme import QuantScheme
+    from llamaship.targets.fit import predict_fit
+    from llamaship.targets.profile import load_profile
+
+    fit = predict_fit(load_spec(default_model()), QuantScheme(), load_profile("x86_emulator"))
+    assert fit.weight_bytes == pytest.approx(manifest["files"]["model.pte"]["size"], rel=0.05)
     gen = llamaship("generate", str(out), "--prompt", "What is the capital of France?", "--chat",
                     "--max-new-tokens", "24", "--json")
     assert gen.returncode == 0, gen.stderr[-2000:]

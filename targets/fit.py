@@ -1,0 +1,104 @@
+"""Device fit: will the model fit in the profile's RAM budget, and how fast can decode possibly be?
+
+Decode is memory-bound on phones: each generated token reads every linear weight once plus the
+filled KV cache, so `bandwidth / bytes_read_per_token` is a ceiling no runtime beats. Bits per
+weight follow what the ExecuTorch/XNNPACK artifact stores (checked against real .pte sizes in the
+tests): int4 groups with a bf16 scale per group, int8 per-channel weights with an fp32 scale per
+row, the 4-bit embedding with an fp32 scale per group, an fp32 KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from llamaship.export.spec import ModelSpec
+from llamaship.quantize.scheme import QuantScheme
+from llamaship.targets.profile import Profile
+
+GB = 1e9
+
+
+def linear_bpw(bits: int, group_size: int, in_features: int) -> float:
+    if bits == 0:
+        return 32.0
+    if bits == 4:
+        return 4 + 16 / group_size  # bf16 scale per group
+    return 8 + 32 / in_features  # per-channel fp32 scale
+
+
+def embedding_bpw(bits: int, group_size: int) -> float:
+    return 32.0 if bits == 0 else bits + 32 / group_size
+
+
+@dataclass(frozen=True)
+class Fit:
+    model: str
+    scheme: str
+    profile: str
+    context: int
+    weight_bytes: float
+    kv_cache_bytes: float
+    total_bytes: float
+    ram_budget_bytes: float
+    fits: bool
+    bytes_per_token: float
+    bandwidth_gbs: float
+    decode_ceiling_tok_s: float
+    bits_per_weight: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        verdict = "fits" if self.fits else "DOES NOT FIT"
+        return (
+            f"{self.model} [{self.scheme}] on {self.profile}: weights {self.weight_bytes / GB:.2f} GB "
+            f"({self.bits_per_weight:.2f} bpw) + KV cache {self.kv_cache_bytes / GB:.2f} GB at "
+            f"{self.context} tokens = {self.total_bytes / GB:.2f} GB vs budget "
+            f"{self.ram_budget_bytes / GB:.1f} GB: {verdict}; decode reads "
+            f"{self.bytes_per_token / GB:.3f} GB/token (cache half full on average) -> ceiling "
+            f"{self.decode_ceiling_tok_s:.1f} tok/s at {self.bandwidth_gbs:g} GB/s"
+        )
+
+
+def predict_fit(spec: ModelSpec, scheme: QuantScheme | None, profile: Profile, context: int | None = None) -> Fit:
+    context = context or profile.max_context
+    q_dim = spec.n_heads * spec.head_dim
+    kv_dim = spec.n_kv_heads * spec.head_dim
+    per_layer = {  # in_features -> params
+        "dim": spec.dim * (q_dim + 2 * kv_dim + 2 * spec.hidden_dim),
+        "q": q_dim * spec.dim,
+        "hidden": spec.hidden_dim * spec.dim,
+    }
+    in_widths = {"dim": spec.dim, "q": q_dim, "hidden": spec.hidden_dim}
+    emb_params = head_params = spec.vocab_size * spec.dim
+    bits = scheme.bits if scheme else 0
+    gs = scheme.group_size if scheme else 32
+    linear_bytes = spec.n_layers * sum(
+        n * linear_bpw(bits, gs, in_widths[k]) / 8 for k, n in per_layer.items()
+    )
+    head_bytes = head_params * linear_bpw(scheme.lm_head_bits if scheme else 0, gs, spec.dim) / 8
+    emb_bytes = emb_params * embedding_bpw(scheme.embedding_bits if scheme else 0, gs) / 8
+    norms = (2 * spec.n_layers + 1) * spec.dim * 4
+    weight_bytes = linear_bytes + head_bytes + emb_bytes + norms
+    kv_bytes = 2 * spec.n_layers * context * kv_dim * 4
+    total = weight_bytes + kv_bytes
+    # per token: every linear + lm_head once, one embedding row, and on average half the cache
+    per_token = linear_bytes + head_bytes + kv_bytes / 2 + norms
+    params = spec.param_count() + (0 if not spec.tied_embeddings else head_params)
+    return Fit(
+        model=spec.name,
+        scheme=scheme.name if scheme else "fp32",
+        profile=profile.name,
+        context=context,
+        weight_bytes=weight_bytes,
+        kv_cache_bytes=kv_bytes,
+        total_bytes=total,
+        ram_budget_bytes=profile.ram_budget_gb * GB,
+        fits=total <= profile.ram_budget_gb * GB,
+        bytes_per_token=per_token,
+        bandwidth_gbs=profile.bandwidth_gbs,
+        decode_ceiling_tok_s=profile.bandwidth_gbs * GB / per_token,
+        bits_per_weight=8 * weight_bytes / params,
+    )

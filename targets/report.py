@@ -1,0 +1,97 @@
+"""report.json / report.md / report.png from a validation report dict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Validation report: {report['model']}", "",
+             f"Evaluation slice: {report['slice']}.", "",
+             "## Accuracy (on each artifact's own runtime) and speed", "",
+             "| artifact | scheme | size MB | PPL | PPL ratio | mean KLD | top-1 | RMS Δp | "
+             "prefill tok/s | decode tok/s | TTFT ms | load ms | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| fp32 reference (PyTorch) | fp32 | - | {_fmt(report['reference']['ppl'])} | 1.000 | 0 | 1.000 "
+             "| 0 | - | - | - | - | - |"]
+    for a in report["artifacts"]:
+        acc, sp = a["accuracy"], a.get("speed") or {}
+
+        def med(k: str, sp: dict[str, Any] = sp) -> str:
+            return _fmt(sp[k]["median"], 1) if k in sp else "-"
+
+        lines.append(
+            f"| {a['path']} ({a['format']}) | {a['scheme']} | {a['size_bytes'] / 1e6:.1f} | "
+            f"{_fmt(acc['ppl'])} | {_fmt(acc['ppl_ratio'])} | {_fmt(acc['mean_kld'], 4)} | "
+            f"{_fmt(acc['top1_agreement'])} | {_fmt(acc['rms_dp'], 4)} | {med('prefill_tok_s')} | "
+            f"{med('decode_tok_s')} | {med('ttft_ms')} | {med('load_ms')} | "
+            f"{_fmt(sp.get('peak_rss_mb'), 0)} |")
+    if any(a.get("speed") for a in report["artifacts"]):
+        sp = next(a["speed"] for a in report["artifacts"] if a.get("speed"))
+        lines += ["", f"Speed: {sp['runtime']}; {sp['prompt_tokens']}-token prompt, "
+                  f"{sp['generated_tokens']} generated tokens, {sp['warmup_runs']} warm-up + "
+                  f"{sp['runs']} runs, median (min-max in report.json)."]
+    lines += ["", "## Targets", ""]
+    for t in report["targets"]:
+        fit = t["fit"]
+        verdict = "PASS" if t["passed"] else "FAIL"
+        lines += [f"### {t['profile']}: {t['device']} - {verdict}", "",
+                  f"- speed: {t['speed_source']}",
+                  f"- fit: weights {fit['weight_bytes'] / 1e9:.3f} GB + KV {fit['kv_cache_bytes'] / 1e9:.3f} GB "
+                  f"at {fit['context']} tokens = {fit['total_bytes'] / 1e9:.3f} GB (budget "
+                  f"{fit['ram_budget_bytes'] / 1e9:.1f} GB); decode ceiling "
+                  f"{fit['decode_ceiling_tok_s']:.1f} tok/s at {fit['bandwidth_gbs']:g} GB/s", "",
+                  "| gate | limit | value | result |", "|---|---|---|---|"]
+        for g in t["gates"]:
+            by = f" (by {g['by']:+})" if g["by"] is not None else ""
+            lines.append(f"| {g['gate']} | {g['limit']} | {_fmt(g['value'], 4)} | "
+                         f"{'pass' if g['passed'] else 'FAIL' + by} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def render_png(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for a in report["artifacts"]:
+        ax1.scatter(a["size_bytes"] / 1e6, a["accuracy"]["mean_kld"], s=60)
+        ax1.annotate(f"{a['format']} {a['scheme']}", (a["size_bytes"] / 1e6, a["accuracy"]["mean_kld"]),
+                     fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax1.set_xlabel("artifact size (MB)")
+    ax1.set_ylabel("mean KLD vs fp32 (nats/token)")
+    ax1.set_title("accuracy vs size")
+    labels, values, colors = [], [], []
+    for t in report["targets"]:
+        art = next(a for a in report["artifacts"] if a["path"] == t["artifact"])
+        if art.get("speed") and t["speed_source"].startswith("measured"):
+            labels.append(f"{t['profile']}\n(measured)")
+            values.append(art["speed"]["decode_tok_s"]["median"])
+            colors.append("tab:blue")
+        labels.append(f"{t['profile']}\n(ceiling)")
+        values.append(t["fit"]["decode_ceiling_tok_s"])
+        colors.append("tab:gray")
+    ax2.bar(range(len(values)), values, color=colors)
+    ax2.set_xticks(range(len(values)), labels, fontsize=7)
+    ax2.set_ylabel("decode tok/s")
+    ax2.set_title("decode speed per target")
+    fig.suptitle(f"{report['model']} - {report['slice']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], folder: Path) -> list[str]:
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / "report.md").write_text(render_markdown(report))
+    render_png(report, folder / "report.png")
+    return ["report.json", "report.md", "report.png"]

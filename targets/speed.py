@@ -1,0 +1,84 @@
+"""Speed of a .pte through ExecuTorch's C++ LLM runner: prefill and decode tok/s, TTFT, model load
+time and peak RSS, for a fixed prompt and generation length, after warm-up, over repeated runs.
+
+The measurement runs in a child process so its peak RSS is the runner's alone (not the exporter's
+or the reference model's); the child prints one JSON line that the parent aggregates.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from llamaship.errors import RuntimeFailure
+
+
+def _child(pte: str, tokenizer: str, prompt: str, gen_tokens: int, warmup: int, runs: int, num_bos: int) -> None:
+    from llamaship.targets.executorch_runtime import load_kernels
+
+    load_kernels()
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    runner = TextLLMRunner(pte, tokenizer)
+    config = GenerationConfig(echo=False, max_new_tokens=gen_tokens, temperature=0.0, num_bos=num_bos)
+    results = []
+    stats: list[str] = []
+    for i in range(warmup + runs):
+        runner.reset()
+        runner.generate(prompt, config, None, lambda st: stats.append(st.to_json_string()))
+        if i >= warmup and stats:
+            results.append(json.loads(stats[-1]))
+        stats.clear()
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"runs": results, "peak_rss_mb": rss_mb}))
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def benchmark(
+    pte: Path, tokenizer: Path, prompt: str, gen_tokens: int = 128, warmup: int = 1, runs: int = 3,
+    num_bos: int = 0,
+) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "llamaship.targets.speed", str(pte), str(tokenizer), prompt,
+           str(gen_tokens), str(warmup), str(runs), str(num_bos)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((ln for ln in reversed(res.stdout.splitlines()) if ln.startswith("{\"runs\"")), None)
+    if res.returncode != 0 or line is None:
+        raise RuntimeFailure(f"{pte}: speed run failed: {res.stderr.strip().splitlines()[-1:]}")
+    data = json.loads(line)
+    runs_ = data["runs"]
+    if not runs_:
+        raise RuntimeFailure(f"{pte}: the runner reported no stats")
+
+    def per_run(stat: dict[str, Any]) -> dict[str, float]:
+        prompt_ms = max(stat["prompt_eval_end_ms"] - stat["inference_start_ms"], 1)
+        decode_ms = max(stat["inference_end_ms"] - stat["prompt_eval_end_ms"], 1)
+        return {
+            "prefill_tok_s": stat["prompt_tokens"] * 1000 / prompt_ms,
+            "decode_tok_s": max(stat["generated_tokens"] - 1, 1) * 1000 / decode_ms,
+            "ttft_ms": stat.get("first_token_ms", stat["prompt_eval_end_ms"]) - stat["inference_start_ms"],
+            "load_ms": stat["model_load_end_ms"] - stat["model_load_start_ms"],
+        }
+
+    measured = [per_run(s) for s in runs_]
+    return {
+        "runtime": "ExecuTorch TextLLMRunner (C++), this x86_64 host",
+        "prompt_tokens": runs_[0]["prompt_tokens"],
+        "generated_tokens": runs_[0]["generated_tokens"],
+        "warmup_runs": warmup,
+        "runs": len(measured),
+        **{k: _summary([m[k] for m in measured]) for k in measured[0]},
+        "peak_rss_mb": data["peak_rss_mb"],
+    }
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    _child(a[0], a[1], a[2], int(a[3]), int(a[4]), int(a[5]), int(a[6]))

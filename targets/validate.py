@@ -1,0 +1,124 @@
+"""Validate a bundle's artifacts for one or more target profiles: accuracy on the artifact's own
+runtime against the fp32 reference, speed (measured where the runtime runs here, else the
+bandwidth roofline), device fit, gates, and the report files."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llamaship.export.checkpoint import Checkpoint
+from llamaship.export.model import build_model
+from llamaship.quantize.scheme import QuantScheme
+from llamaship.targets import accuracy
+from llamaship.targets.fit import predict_fit
+from llamaship.targets.profile import Profile
+
+REPORT_SCHEMA = 1
+SPEED_PROMPT_TOKENS = 128
+SPEED_GEN_TOKENS = 128
+
+
+def scheme_from_manifest(quant: dict[str, Any]) -> QuantScheme | None:
+    if quant.get("name") == "fp32":
+        return None
+    fields = {k: quant[k] for k in ("bits", "group_size", "symmetric", "activations",
+                                    "embedding_bits", "lm_head_bits") if k in quant}
+    return QuantScheme(**fields)
+
+
+def check_gates(profile: Profile, acc: dict[str, Any] | None, speed_tok_s: float | None,
+                predicted_tok_s: float, fits: bool) -> list[dict[str, Any]]:
+    """Each gate with its limit, the measured value, pass/fail and by how much."""
+    values = {
+        "max_kld": acc and acc["mean_kld"],
+        "min_top1": acc and acc["top1_agreement"],
+        "max_ppl_ratio": acc and acc["ppl_ratio"],
+        "min_decode_tok_s": speed_tok_s,
+        "min_predicted_decode_tok_s": predicted_tok_s,
+    }
+    gates = []
+    for name, limit in profile.gates.items():
+        value = values.get(name)
+        if value is None:
+            continue
+        passed = value <= limit if name.startswith("max_") else value >= limit
+        gates.append({"gate": name, "limit": limit, "value": round(float(value), 4), "passed": passed,
+                      "by": round(float(value - limit), 4)})
+    gates.append({"gate": "ram_budget", "limit": profile.ram_budget_gb, "value": None,
+                  "passed": fits, "by": None})
+    return gates
+
+
+def validate(
+    ckpt: Checkpoint,
+    folder: Path,
+    manifest: dict[str, Any],
+    profiles: list[Profile],
+    eval_tokens: int | None = None,
+    measure_speed: bool = True,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Returns the report dict (and writes nothing); `folder` holds the bundle's files."""
+    from llamaship.targets.executorch_runtime import PteModule
+    from llamaship.targets.speed import benchmark
+
+    spec = ckpt.spec
+    scheme = scheme_from_manifest(manifest.get("quant", {}))
+    artifacts = [a for a in manifest.get("artifacts", []) if a["format"] == "executorch"]
+    # windows must fit the artifact's KV cache
+    window = min([p.eval_window for p in profiles] + [a["max_context"] for a in artifacts])
+    n_tokens = eval_tokens or max(p.eval_tokens for p in profiles)
+    eval_slice = accuracy.make_slice(ckpt.tokenizer, n_tokens, window)
+    progress(f"accuracy slice: {eval_slice.describe()}")
+    ref_model = build_model(spec, ckpt.state, max_context=window, impl="torch", full_logits=True)
+    reference = accuracy.reference_logprobs(ref_model, eval_slice, ckpt.sha256(), progress)
+    del ref_model
+    ref_ppl = accuracy.evaluate_reference_self(eval_slice, reference)
+
+    results: list[dict[str, Any]] = []
+    for art in artifacts:
+        path = folder / art["path"]
+        progress(f"accuracy of {art['path']} on ExecuTorch's runtime (token by token, KV cache)")
+        pte = PteModule(path)
+        acc = accuracy.evaluate_stepwise(pte.forward, eval_slice, reference, progress).to_json()
+        del pte
+        speed = None
+        if measure_speed and any(p.measured_here for p in profiles):
+            # 128 + 128 tokens, or what the artifact's context allows
+            n_prompt = min(SPEED_PROMPT_TOKENS, art["max_context"] // 2)
+            n_gen = min(SPEED_GEN_TOKENS, art["max_context"] - n_prompt - 8)
+            progress(f"speed of {art['path']}: {n_prompt}-token prompt, {n_gen} new tokens, "
+                     "1 warm-up + 3 runs")
+            prompt = ckpt.tokenizer.decode(list(eval_slice.tokens[:n_prompt]))
+            speed = benchmark(path, folder / manifest["tokenizer"]["path"], prompt, gen_tokens=n_gen,
+                              num_bos=1 if spec.add_bos and spec.bos_id is not None else 0)
+        results.append({"format": art["format"], "path": art["path"],
+                        "scheme": scheme.name if scheme else "fp32",
+                        "size_bytes": path.stat().st_size, "accuracy": acc, "speed": speed})
+
+    targets = []
+    for profile in profiles:
+        fit = predict_fit(spec, scheme, profile)
+        for res in results:
+            measured = res["speed"]["decode_tok_s"]["median"] if (res["speed"] and profile.measured_here) else None
+            gates = check_gates(profile, res["accuracy"], measured, fit.decode_ceiling_tok_s, fit.fits)
+            targets.append({
+                "profile": profile.name, "device": profile.device, "artifact": res["path"],
+                "speed_source": "measured on this host" if profile.measured_here else
+                f"roofline prediction for {profile.device} (no such device here)",
+                "fit": fit.to_json(), "gates": gates, "passed": all(g["passed"] for g in gates),
+            })
+    return {
+        "schema_version": REPORT_SCHEMA,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "model": spec.name,
+        "source_sha256": manifest.get("model", {}).get("source_sha256"),
+        "slice": eval_slice.describe(),
+        "reference": {"format": "fp32 PyTorch module", "ppl": ref_ppl},
+        "artifacts": results,
+        "targets": targets,
+        "passed": all(t["passed"] for t in targets),
+    }
