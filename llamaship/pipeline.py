@@ -6,7 +6,6 @@ import datetime as dt
 import importlib.metadata
 import importlib.util
 import platform
-import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from llamaship import __version__
 from llamaship.bundle import staging_dir, write_manifest
 from llamaship.errors import CheckpointError, UnsupportedError
 from llamaship.quantize.scheme import QuantScheme
+from llamaship.targets.speed import peak_rss_mb
 
 SMOKE_PROMPT = "The capital of France is"
 FORMATS = ("executorch",)
@@ -47,8 +47,6 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def export_bundle(
