@@ -143,6 +143,7 @@ def export_bundle(
                 "bos_token": ckpt.tokenizer.token_text(spec.bos_id),
                 "eos_token": ckpt.tokenizer.token_text(spec.eos_id),
                 "add_bos": spec.add_bos, "eos_id": spec.eos_id, "stop_ids": list(spec.stop_ids),
+                "stop_tokens": [ckpt.tokenizer.token_text(i) for i in spec.stop_ids],
                 "chat_template": spec.chat_template,
             },
             "export": {"seconds": round(time.perf_counter() - started, 1),

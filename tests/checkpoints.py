@@ -20,6 +20,14 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATA = SHARED / "data"
 LLAMA2_TOKENIZER = DATA / "tokenizers" / "llama2-tokenizer.model"
 LLAMA3_TOKENIZER = DATA / "tokenizers" / "llama3-tokenizer.model"
+# SmolLM2-135M-Instruct's chat template, as its GGUF carries it (ChatML with a default system turn)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
 
 # Written out here rather than imported from the loaders on purpose: a wrong mapping in a loader
 # must make the parity tests fail, not be mirrored by the writer.
@@ -184,6 +192,7 @@ def write_gguf(model, path: Path, tokens: list[str], merges: list[str], token_ty
     w.add_bos_token_id(cfg.bos_token_id)
     w.add_eos_token_id(cfg.eos_token_id)
     w.add_add_bos_token(False)
+    w.add_chat_template(CHATML_TEMPLATE)
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue

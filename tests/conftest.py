@@ -151,3 +151,15 @@ def tiny_q_pte(tmp_path_factory, tiny_ckpt) -> Path:
     export_pte(tiny_ckpt.spec, tiny_ckpt.state, QuantScheme(), path, max_context=128,
                progress=lambda s: None)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, gguf_path, tiny_profile) -> Path:
+    """A bundle written by the CLI itself (export + validation) from the tiny GGUF."""
+    from llamaship.cli import main
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    code = main(["export", "--model", str(gguf_path), "--out", str(out), "--max-context", "128",
+                 "--prompt", "The tower", "--target", str(tiny_profile), "--eval-tokens", "512"])
+    assert code == 0
+    return out

@@ -16,12 +16,8 @@ from llamaship.cli import main
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, gguf_path, tiny_profile) -> Path:
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    code = main(["export", "--model", str(gguf_path), "--out", str(out), "--max-context", "128",
-                 "--prompt", "The tower", "--target", str(tiny_profile), "--eval-tokens", "512"])
-    assert code == 0
-    return out
+def bundle(tiny_bundle) -> Path:
+    return tiny_bundle
 
 
 def leftovers(parent: Path) -> list[str]:
