@@ -156,9 +156,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = render_chat(tok.get("chat_template"), [{"role": "user", "content": prompt}],
                              tok.get("bos_token", ""), tok.get("eos_token", ""))
     num_bos = 1 if tok.get("add_bos") and tok.get("bos_id") is not None else 0
+    if tok.get("bos_token") and prompt.startswith(tok["bos_token"]):
+        num_bos = 0  # the chat template already starts with BOS
+    stop_texts = set(tok.get("stop_tokens") or [])
+
+    def show(piece: str) -> None:  # the runner passes the stop token itself through: hide it
+        if piece not in stop_texts:
+            print(piece, end="", flush=True)
+
     gen = generate(pte, bundle / tok["path"], prompt, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, num_bos=num_bos,
-                   on_text=lambda s: print(s, end="", flush=True))
+                   temperature=args.temperature, num_bos=num_bos, on_text=show)
     print()
     st = gen.stats
     summary = {
@@ -301,6 +308,8 @@ def quiet_library_warnings() -> None:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|executorch|torchao)\.")
+    import torch  # noqa: F401  (torch configures its loggers on import: set ours after)
+
     for name in ("torch", "torchao", "executorch"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

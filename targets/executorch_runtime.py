@@ -8,7 +8,11 @@ is how accuracy is measured on the artifact itself rather than on a PyTorch stan
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,37 @@ def load_kernels() -> None:
     (sdpa, kv cache) and the quantized ones (4-bit embedding) before loading a program."""
     import executorch.kernels.quantized  # noqa: F401
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+
+
+@contextmanager
+def native_output_captured() -> Iterator[list[str]]:
+    """ExecuTorch's C++ runner prints every token to stdout and its logs to stderr, which would
+    interleave with (and duplicate) what we print. Point both file descriptors at a temp file for
+    the duration; Python's sys.stdout/stderr keep writing to the terminal through duplicates. The
+    yielded list receives the captured native text (for error messages)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    sink = tempfile.TemporaryFile()
+    old_streams = sys.stdout, sys.stderr
+    captured: list[str] = []
+    os.dup2(sink.fileno(), 1)
+    os.dup2(sink.fileno(), 2)
+    sys.stdout = os.fdopen(os.dup(saved[0]), "w", buffering=1, encoding="utf-8", errors="replace")
+    sys.stderr = os.fdopen(os.dup(saved[1]), "w", buffering=1, encoding="utf-8", errors="replace")
+    try:
+        yield captured
+    finally:
+        sys.stdout.close()
+        sys.stderr.close()
+        sys.stdout, sys.stderr = old_streams
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+        sink.seek(0)
+        captured.append(sink.read().decode("utf-8", "replace"))
+        sink.close()
 
 
 @dataclass
@@ -58,10 +93,6 @@ def generate(
     load_kernels()
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
-    try:
-        runner = TextLLMRunner(str(pte), str(tokenizer))
-    except RuntimeError as exc:
-        raise RuntimeFailure(f"{pte}: ExecuTorch runner could not load it ({exc})") from exc
     pieces: list[str] = []
     stats: list[str] = []
 
@@ -70,25 +101,32 @@ def generate(
         if on_text:
             on_text(piece)
 
+    def stats_cb(st: Any) -> None:
+        stats.append(st.to_json_string())
+
     config = GenerationConfig(
-        echo=False,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        num_bos=num_bos,
+        echo=False, max_new_tokens=max_new_tokens, temperature=temperature, num_bos=num_bos
     )
     truncated = False
-    try:
-        runner.generate(prompt, config, token_cb, lambda st: stats.append(st.to_json_string()))
-    except UnicodeDecodeError:
-        # The binding decodes each piece as UTF-8 before calling back, so a token that splits a
-        # multi-byte character (emoji, CJK, or a random model's byte tokens) aborts generation.
-        # Re-run without the text callback so the runner's own stats are still reported, and
-        # mark the text as cut at that point.
-        truncated = True
-        runner.reset()
-        runner.generate(prompt, config, None, lambda st: stats.append(st.to_json_string()))
-    except RuntimeError as exc:
-        raise RuntimeFailure(f"{pte}: generation failed ({exc})") from exc
+    failure: RuntimeError | None = None
+    with native_output_captured() as native:
+        try:
+            runner = TextLLMRunner(str(pte), str(tokenizer))
+            try:
+                runner.generate(prompt, config, token_cb, stats_cb)
+            except UnicodeDecodeError:
+                # The binding decodes each piece as UTF-8 before calling back, so a token that
+                # splits a multi-byte character (emoji, CJK, a random model's byte tokens) aborts
+                # generation. Re-run without the text callback so the runner's own stats are still
+                # reported, and mark the text as cut at that point.
+                truncated = True
+                runner.reset()
+                runner.generate(prompt, config, None, stats_cb)
+        except RuntimeError as exc:
+            failure = exc
+    if failure is not None:
+        detail = [ln for ln in native[0].splitlines() if "error" in ln.lower() or "exceeds" in ln.lower()]
+        raise RuntimeFailure(f"{pte}: ExecuTorch runner failed ({failure}): {' | '.join(detail[-3:])}")
     return Generation("".join(pieces), json.loads(stats[-1]) if stats else {}, truncated)
 
 
