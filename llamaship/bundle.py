@@ -46,8 +46,12 @@ def staging_dir(out: Path, force: bool = False) -> Iterator[Path]:
     out = out.resolve()
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as exc:
+        raise BundleError(f"cannot create the bundle at {out} ({exc.strerror or exc}); check the path "
+                          "and its permissions") from exc
     try:
         yield tmp
         _fsync_tree(tmp)
