@@ -157,6 +157,10 @@ def gguf_spec(meta: dict[str, Any], path: Path) -> ModelSpec:
         )
     except KeyError as exc:
         raise CheckpointError(f"{path}: GGUF metadata lacks {exc}") from exc
+    except CheckpointError as exc:  # ModelSpec's own checks: say which file holds the bad value
+        if str(path) in str(exc):
+            raise
+        raise CheckpointError(f"{path}: {exc}") from exc
     if meta.get("llama.rope.scaling.type") not in (None, "none"):
         raise UnsupportedError(f"{path}: GGUF rope scaling is not supported yet")
 

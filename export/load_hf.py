@@ -97,6 +97,10 @@ def spec_from_config(cfg: dict[str, Any], source: Path, name: str) -> ModelSpec:
         )
     except KeyError as exc:
         raise CheckpointError(f"{source}: required field {exc} is missing") from exc
+    except CheckpointError as exc:  # ModelSpec's own checks: say which file holds the bad value
+        if str(source) in str(exc):
+            raise
+        raise CheckpointError(f"{source}: {exc}") from exc
     except TypeError as exc:
         raise CheckpointError(f"{source}: a field has the wrong type ({exc})") from exc
 

@@ -52,6 +52,10 @@ def spec_from_params(params: dict[str, Any], vocab_size: int, source: Path, name
         )
     except KeyError as exc:
         raise CheckpointError(f"{source}: required field {exc} is missing") from exc
+    except CheckpointError as exc:  # ModelSpec's own checks: say which file holds the bad value
+        if str(source) in str(exc):
+            raise
+        raise CheckpointError(f"{source}: {exc}") from exc
     except TypeError as exc:
         raise CheckpointError(f"{source}: a field has the wrong type ({exc})") from exc
 
@@ -60,10 +64,12 @@ def load_pth(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
+        # torch's own message suggests retrying with weights_only=False: never pass that on
+        culprit = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln or "global" in ln), "")
         raise CheckpointError(
-            f"{path}: refused to load: the file holds Python objects other than tensors "
-            f"(weights_only=True blocks code execution). Only load checkpoints you trust; "
-            f"detail: {str(exc).splitlines()[0]}"
+            f"{path}: refused to load: the file holds Python objects other than tensors, which could "
+            f"run code when unpickled ({culprit[:200] or 'not a plain state dict'}). Get the weights "
+            "from a trusted source, preferably as safetensors"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(

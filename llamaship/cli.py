@@ -147,6 +147,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     bundle = Path(args.bundle)
     manifest = read_manifest(bundle)
+    if not args.no_verify:
+        from llamaship.bundle import verify_bundle
+        from llamaship.errors import BundleError
+
+        problems = verify_bundle(bundle)
+        if problems:
+            raise BundleError(f"{bundle}: refusing to run a damaged bundle ({'; '.join(problems[:3])}); "
+                              "re-export or re-copy it (`llamaship verify` lists every problem)")
     pte = artifact_path(bundle, manifest, "executorch")
     tok = manifest["tokenizer"]
     prompt = args.prompt
@@ -262,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--json", action="store_true", help="print stats as one JSON line")
+    gen.add_argument("--no-verify", action="store_true",
+                     help="skip re-checking every file's sha256 before loading (faster on multi-GB bundles)")
     gen.set_defaults(func=cmd_generate)
 
     ver = sub.add_parser("verify", help="re-check every file of a bundle against its sha256",

@@ -166,8 +166,11 @@ def test_bad_checkpoint(case, sources, tmp_path, capsys):
     outdir.mkdir()
     got = main(["export", "--model", str(model), "--out", str(outdir / "bundle"), "--no-validate"])
     err = capsys.readouterr().err
+    with capsys.disabled():  # the message users see, for the record (pytest -s)
+        print(f"\nCASE {name}: exit {got}: {err.strip().splitlines()[-1] if err.strip() else ''}")
     assert got == code, err
     assert fragment in err, err
+    assert str(model) in err  # names the file or folder at fault
     assert err.startswith("error: ") or "\nerror: " in err
     assert leftovers(outdir) == []  # no bundle, no .partial temp folder
     assert not Path("/tmp/llamaship-pwned").exists()

@@ -79,6 +79,16 @@ def test_verify_rejects_damaged_bundles(bundle, tmp_path, damage, capsys):
     assert expected[damage] in err
 
 
+def test_generate_refuses_damaged_bundle(bundle, tmp_path, capsys):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    data = bytearray((copy / "model.pte").read_bytes())
+    data[100] ^= 0x40
+    (copy / "model.pte").write_bytes(bytes(data))
+    assert main(["generate", str(copy), "--prompt", "x"]) == 4
+    assert "refusing to run a damaged bundle (model.pte: sha256 mismatch" in capsys.readouterr().err
+
+
 def test_generate(bundle, capsys):
     assert main(["generate", str(bundle), "--prompt", "The tower is", "--max-new-tokens", "5",
                  "--json"]) == 0
