@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,6 +148,22 @@ def load_checkpoint(
             f"model's vocabulary is {ckpt.spec.vocab_size}; this tokenizer belongs to another model"
         )
     return ckpt
+
+
+@contextmanager
+def config_errors(source: Path) -> Iterator[None]:
+    """Turn what goes wrong while reading a config into one error that names the config file:
+    a missing field, a field of the wrong type, or a value ModelSpec's own checks reject."""
+    try:
+        yield
+    except KeyError as exc:
+        raise CheckpointError(f"{source}: required field {exc} is missing") from exc
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source}: a field has the wrong type ({exc})") from exc
+    except CheckpointError as exc:
+        if str(source) in str(exc):
+            raise
+        raise CheckpointError(f"{source}: {exc}") from exc
 
 
 def read_json(path: Path) -> dict:

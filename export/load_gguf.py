@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from llamaship.errors import CheckpointError, UnsupportedError
-from llamaship.export.checkpoint import Checkpoint, permute_meta_to_half
+from llamaship.export.checkpoint import Checkpoint, config_errors, permute_meta_to_half
 from llamaship.export.spec import ModelSpec
 from llamaship.export.tokenizer import LLAMA3_STOP_TOKENS, Tokenizer
 
@@ -139,7 +139,7 @@ def read_gguf(path: Path) -> tuple[Any, dict[str, Any]]:
 
 
 def gguf_spec(meta: dict[str, Any], path: Path) -> ModelSpec:
-    try:
+    with config_errors(path):
         dim = int(meta["llama.embedding_length"])
         heads = int(meta["llama.attention.head_count"])
         spec = ModelSpec(
@@ -155,12 +155,6 @@ def gguf_spec(meta: dict[str, Any], path: Path) -> ModelSpec:
             max_context=int(meta.get("llama.context_length", 2048)),
             head_dim=int(meta.get("llama.rope.dimension_count", dim // heads)),
         )
-    except KeyError as exc:
-        raise CheckpointError(f"{path}: GGUF metadata lacks {exc}") from exc
-    except CheckpointError as exc:  # ModelSpec's own checks: say which file holds the bad value
-        if str(path) in str(exc):
-            raise
-        raise CheckpointError(f"{path}: {exc}") from exc
     if meta.get("llama.rope.scaling.type") not in (None, "none"):
         raise UnsupportedError(f"{path}: GGUF rope scaling is not supported yet")
 

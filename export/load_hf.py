@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from llamaship.errors import CheckpointError, UnsupportedError
-from llamaship.export.checkpoint import Checkpoint, read_json
+from llamaship.export.checkpoint import Checkpoint, config_errors, read_json
 from llamaship.export.spec import ModelSpec, RopeScaling
 from llamaship.export.tokenizer import load_tokenizer
 
@@ -78,7 +78,7 @@ def spec_from_config(cfg: dict[str, Any], source: Path, name: str) -> ModelSpec:
         )
     elif rope_type not in ("default", None):
         raise UnsupportedError(f"{source}: rope scaling type {rope_type!r} is not supported")
-    try:
+    with config_errors(source):
         heads = cfg["num_attention_heads"]
         return ModelSpec(
             name=name,
@@ -95,14 +95,6 @@ def spec_from_config(cfg: dict[str, Any], source: Path, name: str) -> ModelSpec:
             max_context=int(cfg.get("max_position_embeddings", 2048)),
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
         )
-    except KeyError as exc:
-        raise CheckpointError(f"{source}: required field {exc} is missing") from exc
-    except CheckpointError as exc:  # ModelSpec's own checks: say which file holds the bad value
-        if str(source) in str(exc):
-            raise
-        raise CheckpointError(f"{source}: {exc}") from exc
-    except TypeError as exc:
-        raise CheckpointError(f"{source}: a field has the wrong type ({exc})") from exc
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from llamaship.errors import CheckpointError, UnsupportedError
-from llamaship.export.checkpoint import Checkpoint, check_state, permute_meta_to_half, read_json
+from llamaship.export.checkpoint import Checkpoint, check_state, config_errors, permute_meta_to_half, read_json
 from llamaship.export.spec import ModelSpec, RopeScaling
 from llamaship.export.tokenizer import load_tokenizer_model
 
@@ -30,7 +30,7 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None)
 def spec_from_params(params: dict[str, Any], vocab_size: int, source: Path, name: str) -> ModelSpec:
     if "moe" in params or "n_experts" in params:
         raise UnsupportedError(f"{source}: mixture-of-experts checkpoints are not supported")
-    try:
+    with config_errors(source):
         dim, n_heads = params["dim"], params["n_heads"]
         if not isinstance(dim, int) or not isinstance(n_heads, int) or n_heads <= 0:
             raise CheckpointError(f"{source}: dim and n_heads must be positive integers")
@@ -50,14 +50,6 @@ def spec_from_params(params: dict[str, Any], vocab_size: int, source: Path, name
             rope_scaling=LLAMA31_ROPE_SCALING if params.get("use_scaled_rope") else None,
             max_context=int(params.get("max_seq_len", 8192 if vocab_size > 100_000 else 4096)),
         )
-    except KeyError as exc:
-        raise CheckpointError(f"{source}: required field {exc} is missing") from exc
-    except CheckpointError as exc:  # ModelSpec's own checks: say which file holds the bad value
-        if str(source) in str(exc):
-            raise
-        raise CheckpointError(f"{source}: {exc}") from exc
-    except TypeError as exc:
-        raise CheckpointError(f"{source}: a field has the wrong type ({exc})") from exc
 
 
 def load_pth(path: Path) -> dict[str, torch.Tensor]:
