@@ -13,7 +13,7 @@ from typing import Any
 
 from llamaship import __version__
 from llamaship.bundle import staging_dir, write_manifest
-from llamaship.errors import CheckpointError, UnsupportedError
+from llamaship.errors import BundleError, CheckpointError, UnsupportedError
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.targets.speed import peak_rss_mb
 
@@ -74,8 +74,6 @@ def export_bundle(
     if unknown:
         raise UnsupportedError(f"format(s) {unknown} not supported yet; available: {list(FORMATS)}")
     if out.exists() and not force:  # fail before minutes of work, not after
-        from llamaship.errors import BundleError
-
         raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
     from llamaship.export.checkpoint import load_checkpoint
 
