@@ -15,17 +15,12 @@ from llamaship.bundle import MANIFEST, verify_bundle
 from llamaship.cli import main
 
 
-@pytest.fixture(scope="module")
-def bundle(tiny_bundle) -> Path:
-    return tiny_bundle
-
-
 def leftovers(parent: Path) -> list[str]:
     return [p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name]
 
 
-def test_bundle_contents(bundle, gguf_path):
-    manifest = json.loads((bundle / MANIFEST).read_text())
+def test_bundle_contents(tiny_bundle, gguf_path):
+    manifest = json.loads((tiny_bundle / MANIFEST).read_text())
     assert manifest["schema_version"] == 1
     assert set(manifest["files"]) == {"model.pte", "tokenizer.json", "report.json", "report.md", "report.png"}
     assert manifest["validation"]["report"] == "report.json" and manifest["validation"]["passed"]
@@ -38,17 +33,17 @@ def test_bundle_contents(bundle, gguf_path):
     assert manifest["tools"]["executorch"].startswith("1.5.1")
     assert manifest["export"]["peak_rss_mb"] > 0
     assert manifest["smoke_test"]["stats"]["prompt_tokens"] >= 1
-    assert verify_bundle(bundle) == []
+    assert verify_bundle(tiny_bundle) == []
 
 
-def test_verify_ok(bundle, capsys):
-    assert main(["verify", str(bundle)]) == 0
+def test_verify_ok(tiny_bundle, capsys):
+    assert main(["verify", str(tiny_bundle)]) == 0
     assert "OK" in capsys.readouterr().out
 
 
-def test_verify_flipped_byte(bundle, tmp_path, capsys):
+def test_verify_flipped_byte(tiny_bundle, tmp_path, capsys):
     copy = tmp_path / "b"
-    shutil.copytree(bundle, copy)
+    shutil.copytree(tiny_bundle, copy)
     pte = copy / "model.pte"
     data = bytearray(pte.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -58,9 +53,9 @@ def test_verify_flipped_byte(bundle, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("damage", ["missing", "extra", "zip-slip", "absolute", "newer-schema"])
-def test_verify_rejects_damaged_bundles(bundle, tmp_path, damage, capsys):
+def test_verify_rejects_damaged_bundles(tiny_bundle, tmp_path, damage, capsys):
     copy = tmp_path / "b"
-    shutil.copytree(bundle, copy)
+    shutil.copytree(tiny_bundle, copy)
     manifest = json.loads((copy / MANIFEST).read_text())
     if damage == "missing":
         (copy / "tokenizer.json").unlink()
@@ -79,9 +74,9 @@ def test_verify_rejects_damaged_bundles(bundle, tmp_path, damage, capsys):
     assert expected[damage] in err
 
 
-def test_generate_refuses_damaged_bundle(bundle, tmp_path, capsys):
+def test_generate_refuses_damaged_bundle(tiny_bundle, tmp_path, capsys):
     copy = tmp_path / "b"
-    shutil.copytree(bundle, copy)
+    shutil.copytree(tiny_bundle, copy)
     data = bytearray((copy / "model.pte").read_bytes())
     data[100] ^= 0x40
     (copy / "model.pte").write_bytes(bytes(data))
@@ -89,19 +84,19 @@ def test_generate_refuses_damaged_bundle(bundle, tmp_path, capsys):
     assert "refusing to run a damaged bundle (model.pte: sha256 mismatch" in capsys.readouterr().err
 
 
-def test_generate(bundle, capsys):
-    assert main(["generate", str(bundle), "--prompt", "The tower is", "--max-new-tokens", "5",
+def test_generate(tiny_bundle, capsys):
+    assert main(["generate", str(tiny_bundle), "--prompt", "The tower is", "--max-new-tokens", "5",
                  "--json"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     stats = json.loads(last)
     assert stats["prompt_tokens"] >= 1 and 1 <= stats["generated_tokens"] <= 5
 
 
-def test_export_refuses_existing_out(bundle, gguf_path, capsys):
-    before = sorted(p.name for p in bundle.iterdir())
-    assert main(["export", "--model", str(gguf_path), "--out", str(bundle)]) == 4
+def test_export_refuses_existing_out(tiny_bundle, gguf_path, capsys):
+    before = sorted(p.name for p in tiny_bundle.iterdir())
+    assert main(["export", "--model", str(gguf_path), "--out", str(tiny_bundle)]) == 4
     assert "already exists" in capsys.readouterr().err
-    assert sorted(p.name for p in bundle.iterdir()) == before
+    assert sorted(p.name for p in tiny_bundle.iterdir()) == before
 
 
 def test_truncated_checkpoint_leaves_nothing(tmp_path, llama2_hf_dir, capsys):

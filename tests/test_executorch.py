@@ -22,21 +22,6 @@ PROMPT = [5, 17, 42, 99, 7, 250, 31]
 DECODE = [12, 64, 3]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tiny_ckpt):
-    return tiny_ckpt
-
-
-@pytest.fixture(scope="module")
-def fp32_pte(tiny_fp32_pte):
-    return tiny_fp32_pte
-
-
-@pytest.fixture(scope="module")
-def q_pte(tiny_q_pte):
-    return tiny_q_pte
-
-
 def run_steps(step) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
     """Prefill PROMPT, then feed DECODE one token at a time: exercises the KV cache state."""
     outs = [step(PROMPT, 0)]
@@ -53,20 +38,20 @@ def eager_steps(model) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
     return run_steps(step)
 
 
-def test_fp32_pte_matches_module(ckpt, fp32_pte):
-    pte = PteModule(fp32_pte)
+def test_fp32_pte_matches_module(tiny_ckpt, tiny_fp32_pte):
+    pte = PteModule(tiny_fp32_pte)
     got = run_steps(pte.forward)
-    ref = eager_steps(build_model(ckpt.spec, ckpt.state, max_context=128))
+    ref = eager_steps(build_model(tiny_ckpt.spec, tiny_ckpt.state, max_context=128))
     for g, r in zip(got, ref, strict=True):
-        assert g.shape == r.shape == (1, ckpt.spec.vocab_size)
+        assert g.shape == r.shape == (1, tiny_ckpt.spec.vocab_size)
         assert (g - r).abs().max().item() <= 1e-4
 
 
-def test_quantized_pte_matches_quantized_module(ckpt, q_pte):
-    got = run_steps(PteModule(q_pte).forward)
-    qmodel = quantize_for_executorch(build_model(ckpt.spec, ckpt.state, max_context=128), QuantScheme())
+def test_quantized_pte_matches_quantized_module(tiny_ckpt, tiny_q_pte):
+    got = run_steps(PteModule(tiny_q_pte).forward)
+    qmodel = quantize_for_executorch(build_model(tiny_ckpt.spec, tiny_ckpt.state, max_context=128), QuantScheme())
     ref_q = eager_steps(qmodel)
-    ref = eager_steps(build_model(ckpt.spec, ckpt.state, max_context=128))
+    ref = eager_steps(build_model(tiny_ckpt.spec, tiny_ckpt.state, max_context=128))
     agree = 0
     for g, rq, r in zip(got, ref_q, ref, strict=True):
         span = (rq.max() - rq.min()).item()
@@ -76,45 +61,45 @@ def test_quantized_pte_matches_quantized_module(ckpt, q_pte):
     assert agree >= len(got) - 1
 
 
-def test_quantized_pte_is_smaller(fp32_pte, q_pte):
-    assert q_pte.stat().st_size < 0.5 * fp32_pte.stat().st_size
+def test_quantized_pte_is_smaller(tiny_fp32_pte, tiny_q_pte):
+    assert tiny_q_pte.stat().st_size < 0.5 * tiny_fp32_pte.stat().st_size
 
 
-def test_runner_metadata(ckpt, q_pte):
-    pte = PteModule(q_pte)
-    assert pte.metadata("get_bos_id") == ckpt.spec.bos_id
+def test_runner_metadata(tiny_ckpt, tiny_q_pte):
+    pte = PteModule(tiny_q_pte)
+    assert pte.metadata("get_bos_id") == tiny_ckpt.spec.bos_id
     assert pte.metadata("get_max_seq_len") == 128
-    assert pte.metadata("get_vocab_size") == ckpt.spec.vocab_size
+    assert pte.metadata("get_vocab_size") == tiny_ckpt.spec.vocab_size
 
 
-def test_runner_generates_with_stats(ckpt, q_pte, tmp_path):
-    tok = ckpt.tokenizer.write_runner_file(tmp_path)
+def test_runner_generates_with_stats(tiny_ckpt, tiny_q_pte, tmp_path):
+    tok = tiny_ckpt.tokenizer.write_runner_file(tmp_path)
     prompt = "The tower is tall"
-    gen = generate(q_pte, tok, prompt, max_new_tokens=8)
-    assert gen.stats["prompt_tokens"] == len(ckpt.tokenizer.encode(prompt))
+    gen = generate(tiny_q_pte, tok, prompt, max_new_tokens=8)
+    assert gen.stats["prompt_tokens"] == len(tiny_ckpt.tokenizer.encode(prompt))
     assert 1 <= gen.stats["generated_tokens"] <= 8
     # rates are there (a 2-layer toy runs below the runner's 1 ms clock, so they may read 0)
     assert {"inference_start_ms", "inference_end_ms", "model_load_end_ms"} <= gen.stats.keys()
     # greedy generation is what the quantized eager model predicts, token by token
-    qmodel = quantize_for_executorch(build_model(ckpt.spec, ckpt.state, max_context=128), QuantScheme())
-    ids = ckpt.tokenizer.encode(prompt)
+    qmodel = quantize_for_executorch(build_model(tiny_ckpt.spec, tiny_ckpt.state, max_context=128), QuantScheme())
+    ids = tiny_ckpt.tokenizer.encode(prompt)
     with torch.no_grad():
         first = int(qmodel(torch.tensor([ids]), torch.tensor([0])).argmax())
-    assert gen.text.startswith(ckpt.tokenizer.decode([first])) or first in ckpt.spec.stop_ids
+    assert gen.text.startswith(tiny_ckpt.tokenizer.decode([first])) or first in tiny_ckpt.spec.stop_ids
 
 
-def test_group_size_must_divide(ckpt, tmp_path):
+def test_group_size_must_divide(tiny_ckpt, tmp_path):
     from llamaship.errors import UnsupportedError
 
     with pytest.raises(UnsupportedError, match="group size 128 does not divide.*use --group-size 32 or 64"):
-        export_pte(ckpt.spec, ckpt.state, QuantScheme(group_size=128), tmp_path / "x.pte",
+        export_pte(tiny_ckpt.spec, tiny_ckpt.state, QuantScheme(group_size=128), tmp_path / "x.pte",
                    max_context=128, progress=lambda s: None)
 
 
-def test_asymmetric_is_refused_for_xnnpack(ckpt, tmp_path):
+def test_asymmetric_is_refused_for_xnnpack(tiny_ckpt, tmp_path):
     """XNNPACK computed wrong logits for asymmetric int4 groups (measured), so it is refused."""
     from llamaship.errors import UnsupportedError
 
     with pytest.raises(UnsupportedError, match="asymmetric"):
-        export_pte(ckpt.spec, ckpt.state, QuantScheme(symmetric=False), tmp_path / "x.pte",
+        export_pte(tiny_ckpt.spec, tiny_ckpt.state, QuantScheme(symmetric=False), tmp_path / "x.pte",
                    max_context=128, progress=lambda s: None)
