@@ -20,6 +20,7 @@ bundle: $(BIN)/llamaship
 	$(BIN)/llamaship export --out $(BUNDLE) --force
 	$(BIN)/llamaship verify $(BUNDLE)
 	$(BIN)/llamaship generate $(BUNDLE) --prompt "The capital of France is" --max-new-tokens 32
+	$(BIN)/llamaship generate $(BUNDLE) --format onnx --prompt "The capital of France is" --max-new-tokens 32
 
 test: $(BIN)/llamaship
 	$(BIN)/python -m pytest

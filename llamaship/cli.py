@@ -45,7 +45,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.model,
         Path(args.out),
         scheme=scheme,
-        formats=tuple(args.format),
+        formats=tuple(args.format) if args.format else None,
         max_context=args.max_context,
         max_seq_len=args.max_seq_len,
         force=args.force,
@@ -54,6 +54,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         validate=not args.no_validate,
         eval_tokens=args.eval_tokens,
         ignore_fit=args.ignore_fit,
+        onnx_accuracy_level=args.onnx_accuracy_level,
         progress=_progress_printer(),
     )
     files = manifest["files"]
@@ -62,8 +63,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     for name, entry in files.items():
         print(f"  {name:24s} {entry['size'] / 1e6:9.1f} MB  sha256 {entry['sha256'][:16]}…")
     print(f"export: {manifest['export']['seconds']} s, peak RSS {manifest['export']['peak_rss_mb']} MB")
-    smoke = manifest.get("smoke_test")
-    if smoke:
+    for art in manifest["artifacts"]:
+        smoke = art.get("smoke_test")
+        if not smoke:
+            continue
         st = smoke["stats"]
         print(f"smoke test ({smoke['runtime']}): {smoke['prompt']!r} -> {smoke['text']!r}")
         print(
@@ -143,6 +146,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from llamaship.bundle import artifact_path, read_manifest
+    from llamaship.errors import UnsupportedError
     from llamaship.targets.executorch_runtime import generate
 
     bundle = Path(args.bundle)
@@ -155,7 +159,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if problems:
             raise BundleError(f"{bundle}: refusing to run a damaged bundle ({'; '.join(problems[:3])}); "
                               "re-export or re-copy it (`llamaship verify` lists every problem)")
-    pte = artifact_path(bundle, manifest, "executorch")
+    formats = [a["format"] for a in manifest.get("artifacts", [])]
+    fmt = args.format or (formats[0] if formats else "executorch")
+    model_path = artifact_path(bundle, manifest, fmt)
     tok = manifest["tokenizer"]
     prompt = args.prompt
     if args.chat:
@@ -172,21 +178,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if piece not in stop_texts:
             print(piece, end="", flush=True)
 
-    gen = generate(pte, bundle / tok["path"], prompt, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, num_bos=num_bos, on_text=show)
+    if fmt == "onnx":
+        from llamaship.targets.onnx_runtime import generate_text
+
+        if args.temperature != 0.0:
+            raise UnsupportedError("--temperature is not supported for onnx yet (greedy only)")
+        _, st = generate_text(model_path.parent, prompt, args.max_new_tokens, on_text=show,
+                              bos_id=tok.get("bos_id") if num_bos else None)
+        runtime = "onnxruntime-genai on this host"
+    else:
+        gen = generate(model_path, bundle / tok["path"], prompt, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, num_bos=num_bos, on_text=show)
+        st = gen.stats | {"ttft_ms": gen.ttft_ms, "prefill_token_per_sec": gen.prefill_tok_s,
+                          "decode_token_per_sec": gen.decode_tok_s}
+        runtime = "ExecuTorch runner on this host"
     print()
-    st = gen.stats
     summary = {
-        "prompt_tokens": st.get("prompt_tokens"), "generated_tokens": st.get("generated_tokens"),
-        "ttft_ms": gen.ttft_ms, "prefill_tok_s": gen.prefill_tok_s, "decode_tok_s": gen.decode_tok_s,
+        "format": fmt, "prompt_tokens": st.get("prompt_tokens"), "generated_tokens": st.get("generated_tokens"),
+        "ttft_ms": st["ttft_ms"], "prefill_tok_s": st["prefill_token_per_sec"],
+        "decode_tok_s": st["decode_token_per_sec"],
     }
     if args.json:
         print(json.dumps(summary))
     else:
         print(
             f"[{summary['prompt_tokens']} prompt tokens, {summary['generated_tokens']} generated; "
-            f"TTFT {gen.ttft_ms:.0f} ms, prefill {gen.prefill_tok_s:.1f} tok/s, "
-            f"decode {gen.decode_tok_s:.1f} tok/s; ExecuTorch runner on this host]",
+            f"TTFT {summary['ttft_ms']:.0f} ms, prefill {summary['prefill_tok_s']:.1f} tok/s, "
+            f"decode {summary['decode_tok_s']:.1f} tok/s; {runtime}]",
             file=sys.stderr,
         )
     return 0
@@ -223,8 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "consolidated.00.pth), .gguf file, or Hub id; default: the embedded "
                     "SmolLM2-135M-Instruct GGUF")
     ex.add_argument("--out", required=True, help="bundle folder to create (must not exist)")
-    ex.add_argument("--format", action="append", choices=["executorch"],
-                    help="artifact format(s); repeatable (default: executorch)")
+    ex.add_argument("--format", action="append", choices=["executorch", "onnx"],
+                    help="artifact format(s), repeatable: executorch (.pte, XNNPACK) and/or onnx "
+                    "(onnxruntime-genai folder: model.onnx + external data + genai_config.json); "
+                    "default: every format the --target profiles list (x86_emulator: both)")
     ex.add_argument("--quant", choices=["8da4w", "8da8w", "fp32"], default="8da4w",
                     help="linear layers: int8 dynamic activations x int4 (default) or int8 "
                     "weights per group, or fp32")
@@ -239,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--lm-head-bits", type=int, default=8, choices=[0, 4, 8],
                     help="output projection weights: 8 (default: it is the most error-sensitive "
                     "matrix), 4 (smaller, faster, less accurate) or 0 (fp32)")
+    ex.add_argument("--onnx-accuracy-level", type=int, default=4, choices=[1, 2, 3, 4],
+                    help="onnx: compute type of MatMulNBits activations: 4 = int8 (default, fastest on "
+                    "CPU), 3 = bf16, 2 = fp16, 1 = fp32 (measured 12x slower on x86 for no accuracy gain)")
     ex.add_argument("--max-context", type=int, default=2048,
                     help="KV cache length = longest prompt + generation (default 2048, capped at "
                     "the model's own)")
@@ -262,13 +285,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text from a bundle on this host",
                          description="Run the bundle's .pte with ExecuTorch's C++ LLM runner "
-                         "(the code the Android app links) and print its stats.")
+                         "(the code the Android app links), or its ONNX model with onnxruntime-genai, "
+                         "and print the stats.")
     gen.add_argument("bundle", help="bundle folder")
     gen.add_argument("--prompt", required=True, help="prompt text")
     gen.add_argument("--chat", action="store_true",
                      help="wrap the prompt in the model's chat template as a user turn")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--format", choices=["executorch", "onnx"], default=None,
+                     help="which artifact to run (default: the bundle's first): executorch runs the .pte "
+                     "on ExecuTorch's C++ runner, onnx the ONNX folder on onnxruntime-genai")
     gen.add_argument("--json", action="store_true", help="print stats as one JSON line")
     gen.add_argument("--no-verify", action="store_true",
                      help="skip re-checking every file's sha256 before loading (faster on multi-GB bundles)")
@@ -327,8 +354,6 @@ def quiet_library_warnings() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_library_warnings()
-    if getattr(args, "format", None) is None and args.command == "export":
-        args.format = ["executorch"]
     try:
         return int(args.func(args))
     except LlamashipError as exc:

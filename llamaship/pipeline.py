@@ -18,7 +18,8 @@ from llamaship.quantize.scheme import QuantScheme
 from llamaship.targets.speed import peak_rss_mb
 
 SMOKE_PROMPT = "The capital of France is"
-FORMATS = ("executorch",)
+FORMATS = ("executorch", "onnx")
+ONNX_DIR = "onnx"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -39,7 +40,8 @@ def default_model() -> Path:
 
 def tool_versions() -> dict[str, str]:
     versions = {"llamaship": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "executorch", "torchao", "pytorch-tokenizers", "numpy"):
+    for pkg in ("torch", "executorch", "torchao", "pytorch-tokenizers", "numpy", "onnx", "onnxruntime",
+                "onnxruntime-genai"):
         try:
             versions[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
@@ -53,7 +55,7 @@ def export_bundle(
     model: str | Path | None,
     out: Path,
     scheme: QuantScheme | None = None,
-    formats: tuple[str, ...] = ("executorch",),
+    formats: tuple[str, ...] | None = None,
     max_context: int = 2048,
     max_seq_len: int = 128,
     force: bool = False,
@@ -63,13 +65,20 @@ def export_bundle(
     validate: bool = True,
     eval_tokens: int | None = 4096,
     ignore_fit: bool = False,
+    onnx_accuracy_level: int = 4,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Export `model` (path, Hub id, or None for the embedded default) into a bundle at `out`,
     validated for each target profile unless `validate=False`.
 
-    `scheme=None` exports fp32. Returns the manifest (its "validation" entry says whether every
-    gate passed). Nothing is left at `out` on failure."""
+    `scheme=None` exports fp32. `formats=None` exports every format the target profiles ship.
+    Returns the manifest (its "validation" entry says whether every gate passed). Nothing is left
+    at `out` on failure."""
+    from llamaship.targets.profile import load_profile
+
+    profiles = [load_profile(t) for t in targets]
+    if formats is None:
+        formats = tuple(dict.fromkeys(f for p in profiles for f in p.formats if f in FORMATS)) or ("executorch",)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise UnsupportedError(f"format(s) {unknown} not supported yet; available: {list(FORMATS)}")
@@ -84,9 +93,7 @@ def export_bundle(
     if scheme is not None:
         scheme.check_fits(spec)
     from llamaship.targets.fit import predict_fit
-    from llamaship.targets.profile import load_profile
 
-    profiles = [load_profile(t) for t in targets]
     for profile in profiles:
         fit = predict_fit(spec, scheme, profile, context=max_context)
         progress(f"device fit: {fit.summary()}")
@@ -118,16 +125,30 @@ def export_bundle(
                 "inputs": {"tokens": "int64 [1, T]", "input_pos": "int64 [1]"},
                 "outputs": {"logits": "float32 [1, vocab] (last position)"},
             })
+        if "onnx" in formats:
+            from llamaship.export.onnx import export_onnx
+
+            res = export_onnx(spec, ckpt.state, ckpt.tokenizer, scheme, tmp / ONNX_DIR, max_context=max_context,
+                              accuracy_level=onnx_accuracy_level, progress=progress)
+            timings |= {f"onnx_{k}": round(v, 2) for k, v in res["timings"].items()}
+            artifacts.append({
+                "format": "onnx", "path": f"{ONNX_DIR}/model.onnx", "folder": ONNX_DIR,
+                "backend": "onnxruntime CPU (onnxruntime-genai config)", "max_context": max_context,
+                "max_seq_len": max_context,  # prefill takes the whole prompt in one call
+                "external_data": f"{ONNX_DIR}/model.onnx.data", "genai_config": f"{ONNX_DIR}/genai_config.json",
+                "accuracy_level": onnx_accuracy_level if scheme else None,
+                "inputs": {"input_ids": "int64 [1, T]", "attention_mask": "int64 [1, past + T] (all ones)",
+                           "past_key_values.{i}.key/value": f"float32 [1, {spec.n_kv_heads}, past, {spec.head_dim}]"},
+                "outputs": {"logits": "float32 [1, 1, vocab] (last position)",
+                            "present.{i}.key/value": f"float32 [1, {spec.n_kv_heads}, past + T, {spec.head_dim}]"},
+                "quantization": res["quantization"],
+            })
         tok_file = ckpt.tokenizer.write_runner_file(tmp)
         smoke: dict[str, Any] | None = None
-        if smoke_prompt and "executorch" in formats:
-            from llamaship.targets.executorch_runtime import generate
-
-            progress(f"smoke test: ExecuTorch LLM runner on this host, prompt {smoke_prompt!r}")
-            gen = generate(tmp / "model.pte", tok_file, smoke_prompt, max_new_tokens=smoke_tokens,
-                           num_bos=1 if spec.add_bos and spec.bos_id is not None else 0)
-            smoke = {"runtime": "executorch TextLLMRunner (x86_64 host)", "prompt": smoke_prompt,
-                     "text": gen.text, "stats": gen.stats}
+        if smoke_prompt:
+            for art in artifacts:
+                art["smoke_test"] = smoke_test(art, tmp, tok_file, ckpt, smoke_prompt, smoke_tokens, progress)
+            smoke = artifacts[0]["smoke_test"] if artifacts else None
         meta: dict[str, Any] = {
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "model": {
@@ -153,6 +174,27 @@ def export_bundle(
             meta["validation"] = run_validation(ckpt, tmp, meta, profiles, eval_tokens, progress)
         manifest = write_manifest(tmp, meta)
     return manifest
+
+
+def smoke_test(art: dict[str, Any], folder: Path, tok_file: Path, ckpt: Any, prompt: str, n_tokens: int,
+               progress: Callable[[str], None]) -> dict[str, Any]:
+    """Greedy generation on this host with the runtime an app would use for this artifact."""
+    spec = ckpt.spec
+    if art["format"] == "executorch":
+        from llamaship.targets.executorch_runtime import generate
+
+        progress(f"smoke test: ExecuTorch LLM runner on this host, prompt {prompt!r}")
+        gen = generate(folder / art["path"], tok_file, prompt, max_new_tokens=n_tokens,
+                       num_bos=1 if spec.add_bos and spec.bos_id is not None else 0)
+        return {"runtime": "executorch TextLLMRunner (x86_64 host)", "prompt": prompt,
+                "text": gen.text, "stats": gen.stats}
+    from llamaship.targets.onnx_runtime import generate_text
+
+    progress(f"smoke test: onnxruntime-genai on this host, prompt {prompt!r}")
+    text, stats = generate_text(folder / art["folder"], prompt, n_tokens,
+                                bos_id=spec.bos_id if spec.add_bos else None)
+    return {"runtime": "onnxruntime-genai Generator (x86_64 host)", "prompt": prompt, "text": text,
+            "stats": stats}
 
 
 def run_validation(

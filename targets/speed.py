@@ -1,4 +1,5 @@
-"""Speed of a .pte through ExecuTorch's C++ LLM runner: prefill and decode tok/s, TTFT, model load
+"""Speed of an artifact on the runtime an app would use: a .pte through ExecuTorch's C++ LLM runner,
+an ONNX folder through onnxruntime-genai's Generator. Prefill and decode tok/s, TTFT, model load
 time and peak RSS, for a fixed prompt and generation length, after warm-up, over repeated runs.
 
 The measurement runs in a child process so its peak RSS is the runner's alone (not the exporter's
@@ -91,6 +92,51 @@ def benchmark(
     }
 
 
+def _child_onnx(folder: str, prompt_ids: str, gen_tokens: int, warmup: int, runs: int) -> None:
+    """onnxruntime-genai reports no stats of its own: time the Generator loop (the first new token
+    ends the prefill, as in the runner's stats). Generation is forced to `gen_tokens` by ignoring
+    EOS through min_length, so every run decodes the same number of tokens."""
+    import time
+
+    from llamaship.targets.onnx_runtime import generate_ids, load_genai
+
+    t = time.perf_counter()
+    model = load_genai(Path(folder))
+    load_ms = (time.perf_counter() - t) * 1000
+    ids = json.loads(prompt_ids)
+    results = []
+    for i in range(warmup + runs):
+        _, st = generate_ids(model, ids, gen_tokens, min_length=len(ids) + gen_tokens)
+        if i >= warmup:
+            results.append(st | {"load_ms": load_ms})
+    print(json.dumps({"runs": results, "peak_rss_mb": peak_rss_mb()}))
+
+
+def benchmark_onnx(folder: Path, prompt_ids: list[int], gen_tokens: int = 128, warmup: int = 1,
+                   runs: int = 3) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "llamaship.targets.speed", "onnx", str(folder), json.dumps(prompt_ids),
+           str(gen_tokens), str(warmup), str(runs)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((ln for ln in reversed(res.stdout.splitlines()) if ln.startswith("{\"runs\"")), None)
+    if res.returncode != 0 or line is None:
+        raise RuntimeFailure(f"{folder}: speed run failed: {res.stderr.strip().splitlines()[-1:]}")
+    data = json.loads(line)
+    measured = data["runs"]
+    keys = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "load_ms")
+    return {
+        "runtime": "onnxruntime-genai Generator (CPU EP), this x86_64 host",
+        "prompt_tokens": measured[0]["prompt_tokens"],
+        "generated_tokens": measured[0]["generated_tokens"],
+        "warmup_runs": warmup,
+        "runs": len(measured),
+        **{k: _summary([m[k] for m in measured]) for k in keys},
+        "peak_rss_mb": data["peak_rss_mb"],
+    }
+
+
 if __name__ == "__main__":
     a = sys.argv[1:]
-    _child(a[0], a[1], a[2], int(a[3]), int(a[4]), int(a[5]), int(a[6]))
+    if a[0] == "onnx":
+        _child_onnx(a[1], a[2], int(a[3]), int(a[4]), int(a[5]))
+    else:
+        _child(a[0], a[1], a[2], int(a[3]), int(a[4]), int(a[5]), int(a[6]))

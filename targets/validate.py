@@ -21,6 +21,38 @@ SPEED_PROMPT_TOKENS = 128
 SPEED_GEN_TOKENS = 128
 
 
+RUNTIMES = {"executorch": "ExecuTorch's runtime", "onnx": "onnxruntime (CPU EP)"}
+
+
+def artifact_bytes(folder: Path, art: dict[str, Any]) -> int:
+    """An ONNX model is its graph plus its external weights file."""
+    paths = [folder / art["path"]] + ([folder / art["external_data"]] if art.get("external_data") else [])
+    return sum(p.stat().st_size for p in paths if p.exists())
+
+
+def _load_module(folder: Path, art: dict[str, Any]) -> Any:
+    if art["format"] == "onnx":
+        from llamaship.targets.onnx_runtime import OnnxModule
+
+        return OnnxModule(folder / art["folder"])
+    from llamaship.targets.executorch_runtime import PteModule
+
+    return PteModule(folder / art["path"])
+
+
+def _speed(folder: Path, art: dict[str, Any], manifest: dict[str, Any], ckpt: Checkpoint,
+           prompt_ids: list[int], n_gen: int) -> dict[str, Any]:
+    from llamaship.targets.speed import benchmark, benchmark_onnx
+
+    spec = ckpt.spec
+    if art["format"] == "onnx":
+        bos = [spec.bos_id] if spec.add_bos and spec.bos_id is not None else []
+        return benchmark_onnx(folder / art["folder"], bos + prompt_ids, gen_tokens=n_gen)
+    return benchmark(folder / art["path"], folder / manifest["tokenizer"]["path"],
+                     ckpt.tokenizer.decode(prompt_ids), gen_tokens=n_gen,
+                     num_bos=1 if spec.add_bos and spec.bos_id is not None else 0)
+
+
 def scheme_from_manifest(quant: dict[str, Any]) -> QuantScheme | None:
     if quant.get("name") == "fp32":
         return None
@@ -62,12 +94,9 @@ def validate(
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Returns the report dict (and writes nothing); `folder` holds the bundle's files."""
-    from llamaship.targets.executorch_runtime import PteModule
-    from llamaship.targets.speed import benchmark
-
     spec = ckpt.spec
     scheme = scheme_from_manifest(manifest.get("quant", {}))
-    artifacts = [a for a in manifest.get("artifacts", []) if a["format"] == "executorch"]
+    artifacts = [a for a in manifest.get("artifacts", []) if a["format"] in RUNTIMES]
     # windows must fit the artifact's KV cache
     window = min([p.eval_window for p in profiles] + [a["max_context"] for a in artifacts])
     n_tokens = eval_tokens or max(p.eval_tokens for p in profiles)
@@ -80,11 +109,10 @@ def validate(
 
     results: list[dict[str, Any]] = []
     for art in artifacts:
-        path = folder / art["path"]
-        progress(f"accuracy of {art['path']} on ExecuTorch's runtime (token by token, KV cache)")
-        pte = PteModule(path)
-        acc = accuracy.evaluate_stepwise(pte.forward, eval_slice, reference, progress).to_json()
-        del pte
+        progress(f"accuracy of {art['path']} on {RUNTIMES[art['format']]} (token by token, KV cache)")
+        module = _load_module(folder, art)
+        acc = accuracy.evaluate_stepwise(module.forward, eval_slice, reference, progress).to_json()
+        del module
         speed = None
         if measure_speed and any(p.measured_here for p in profiles):
             # 128 + 128 tokens, or what the artifact's context allows
@@ -92,17 +120,17 @@ def validate(
             n_gen = min(SPEED_GEN_TOKENS, art["max_context"] - n_prompt - 8)
             progress(f"speed of {art['path']}: {n_prompt}-token prompt, {n_gen} new tokens, "
                      "1 warm-up + 3 runs")
-            prompt = ckpt.tokenizer.decode(list(eval_slice.tokens[:n_prompt]))
-            speed = benchmark(path, folder / manifest["tokenizer"]["path"], prompt, gen_tokens=n_gen,
-                              num_bos=1 if spec.add_bos and spec.bos_id is not None else 0)
+            speed = _speed(folder, art, manifest, ckpt, list(eval_slice.tokens[:n_prompt]), n_gen)
         results.append({"format": art["format"], "path": art["path"],
                         "scheme": scheme.name if scheme else "fp32",
-                        "size_bytes": path.stat().st_size, "accuracy": acc, "speed": speed})
+                        "size_bytes": artifact_bytes(folder, art), "accuracy": acc, "speed": speed})
 
     targets = []
     for profile in profiles:
         fit = predict_fit(spec, scheme, profile)
         for res in results:
+            if res["format"] not in profile.formats:
+                continue
             measured = res["speed"]["decode_tok_s"]["median"] if (res["speed"] and profile.measured_here) else None
             gates = check_gates(profile, res["accuracy"], measured, fit.decode_ceiling_tok_s, fit.fits)
             targets.append({

@@ -93,7 +93,7 @@ def smollm2_gguf() -> Path:
 TINY_PROFILE = """
 name = "tiny_test"
 device = "this host (test profile for random tiny models)"
-formats = ["executorch"]
+formats = ["executorch", "onnx"]
 measured_here = true
 ram_gb = 4.0
 ram_budget_gb = 2.0
@@ -155,11 +155,12 @@ def tiny_q_pte(tmp_path_factory, tiny_ckpt) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, gguf_path, tiny_profile) -> Path:
-    """A bundle written by the CLI itself (export + validation) from the tiny GGUF."""
+    """A bundle written by the CLI itself (export of both formats + validation) from the tiny GGUF."""
     from llamaship.cli import main
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     code = main(["export", "--model", str(gguf_path), "--out", str(out), "--max-context", "128",
+                 "--format", "executorch", "--format", "onnx",
                  "--prompt", "The tower", "--target", str(tiny_profile), "--eval-tokens", "512"])
     assert code == 0
     return out

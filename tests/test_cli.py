@@ -22,13 +22,22 @@ def leftovers(parent: Path) -> list[str]:
 def test_bundle_contents(tiny_bundle, gguf_path):
     manifest = json.loads((tiny_bundle / MANIFEST).read_text())
     assert manifest["schema_version"] == 1
-    assert set(manifest["files"]) == {"model.pte", "tokenizer.json", "report.json", "report.md", "report.png"}
+    onnx_files = {f"onnx/{f}" for f in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json",
+                                         "tokenizer_config.json", "chat_template.jinja")}
+    assert set(manifest["files"]) == {"model.pte", "tokenizer.json", "report.json", "report.md",
+                                      "report.png"} | onnx_files
     assert manifest["validation"]["report"] == "report.json" and manifest["validation"]["passed"]
     assert manifest["model"]["layout"] == "gguf"
     assert len(manifest["model"]["source_sha256"]) == 64
     assert manifest["model"]["spec"]["n_layers"] == 2
     assert manifest["quant"]["group_size"] == 32 and manifest["quant"]["bits"] == 4
-    assert manifest["artifacts"][0]["format"] == "executorch"
+    assert [a["format"] for a in manifest["artifacts"]] == ["executorch", "onnx"]
+    onnx = manifest["artifacts"][1]
+    assert onnx["accuracy_level"] == 4 and onnx["quantization"]["quantized_ops"]
+    assert all(a["smoke_test"]["stats"]["generated_tokens"] >= 1 for a in manifest["artifacts"])
+    report = json.loads((tiny_bundle / "report.json").read_text())
+    assert [a["format"] for a in report["artifacts"]] == ["executorch", "onnx"]
+    assert {t["artifact"] for t in report["targets"]} == {"model.pte", "onnx/model.onnx"}
     assert manifest["tokenizer"]["stop_ids"][0] == 2
     assert manifest["tools"]["executorch"].startswith("1.5.1")
     assert manifest["export"]["peak_rss_mb"] > 0
@@ -92,6 +101,13 @@ def test_generate(tiny_bundle, capsys):
     assert stats["prompt_tokens"] >= 1 and 1 <= stats["generated_tokens"] <= 5
 
 
+def test_generate_onnx(tiny_bundle, capsys):
+    assert main(["generate", str(tiny_bundle), "--format", "onnx", "--prompt", "The tower is",
+                 "--max-new-tokens", "5", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["format"] == "onnx" and stats["prompt_tokens"] >= 1 and 1 <= stats["generated_tokens"] <= 5
+
+
 def test_export_refuses_existing_out(tiny_bundle, gguf_path, capsys):
     before = sorted(p.name for p in tiny_bundle.iterdir())
     assert main(["export", "--model", str(gguf_path), "--out", str(tiny_bundle)]) == 4
@@ -151,5 +167,6 @@ def test_help_for_every_command():
         assert "usage: llamaship" in res.stdout
     res = subprocess.run([sys.executable, "-m", "llamaship.cli", "export", "--help"],
                          capture_output=True, text=True, check=True)
-    for flag in ("--model", "--group-size", "--embedding-bits", "--lm-head-bits", "--max-context", "--force"):
+    for flag in ("--model", "--group-size", "--embedding-bits", "--lm-head-bits", "--max-context", "--force",
+                 "--onnx-accuracy-level"):
         assert flag in res.stdout
