@@ -68,7 +68,8 @@ def export_pte(
     if scheme is not None and not scheme.symmetric:
         raise UnsupportedError(
             "asymmetric 4-bit weights are not supported for ExecuTorch/XNNPACK: the lowered program "
-            "computed wrong logits (87% of the logit range off on a test model); use symmetric groups"
+            "computed wrong logits (87% of the logit range off on a test model); use symmetric groups, "
+            "or export --format onnx alone (MatMulNBits handles zero points)"
         )
     load_custom_ops()
     max_seq_len = min(max_seq_len or max_context, max_context)

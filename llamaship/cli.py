@@ -55,6 +55,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         eval_tokens=args.eval_tokens,
         ignore_fit=args.ignore_fit,
         onnx_accuracy_level=args.onnx_accuracy_level,
+        onnx_algorithm=args.onnx_algorithm,
         progress=_progress_printer(),
     )
     files = manifest["files"]
@@ -262,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--onnx-accuracy-level", type=int, default=4, choices=[1, 2, 3, 4],
                     help="onnx: compute type of MatMulNBits activations: 4 = int8 (default, fastest on "
                     "CPU), 3 = bf16, 2 = fp16, 1 = fp32 (measured 12x slower on x86 for no accuracy gain)")
+    ex.add_argument("--onnx-algorithm", choices=["k_quant", "rtn"], default="k_quant",
+                    help="onnx: how int4 weights are rounded: k_quant (default; llama.cpp-style search "
+                    "for each block's scale and zero point, always asymmetric) or rtn (onnxruntime's "
+                    "round-to-nearest, symmetric unless --asymmetric)")
     ex.add_argument("--max-context", type=int, default=2048,
                     help="KV cache length = longest prompt + generation (default 2048, capped at "
                     "the model's own)")

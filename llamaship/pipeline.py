@@ -66,6 +66,7 @@ def export_bundle(
     eval_tokens: int | None = 4096,
     ignore_fit: bool = False,
     onnx_accuracy_level: int = 4,
+    onnx_algorithm: str = "k_quant",
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Export `model` (path, Hub id, or None for the embedded default) into a bundle at `out`,
@@ -82,6 +83,7 @@ def export_bundle(
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise UnsupportedError(f"format(s) {unknown} not supported yet; available: {list(FORMATS)}")
+    check_formats(formats, scheme, onnx_accuracy_level, onnx_algorithm)
     if out.exists() and not force:  # fail before minutes of work, not after
         raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
     from llamaship.export.checkpoint import load_checkpoint
@@ -121,18 +123,20 @@ def export_bundle(
             timings |= {f"executorch_{k}": round(v, 2) for k, v in t.items()}
             artifacts.append({
                 "format": "executorch", "path": "model.pte", "backend": "xnnpack",
+                "scheme": scheme.name if scheme else "fp32",
                 "max_context": max_context, "max_seq_len": max_seq_len, "full_logits": False,
                 "inputs": {"tokens": "int64 [1, T]", "input_pos": "int64 [1]"},
                 "outputs": {"logits": "float32 [1, vocab] (last position)"},
             })
         if "onnx" in formats:
-            from llamaship.export.onnx import export_onnx
+            from llamaship.export.onnx import export_onnx, scheme_name
 
             res = export_onnx(spec, ckpt.state, ckpt.tokenizer, scheme, tmp / ONNX_DIR, max_context=max_context,
-                              accuracy_level=onnx_accuracy_level, progress=progress)
+                              accuracy_level=onnx_accuracy_level, algorithm=onnx_algorithm, progress=progress)
             timings |= {f"onnx_{k}": round(v, 2) for k, v in res["timings"].items()}
             artifacts.append({
                 "format": "onnx", "path": f"{ONNX_DIR}/model.onnx", "folder": ONNX_DIR,
+                "scheme": scheme_name(scheme, onnx_accuracy_level, onnx_algorithm),
                 "backend": "onnxruntime CPU (onnxruntime-genai config)", "max_context": max_context,
                 "max_seq_len": max_context,  # prefill takes the whole prompt in one call
                 "external_data": f"{ONNX_DIR}/model.onnx.data", "genai_config": f"{ONNX_DIR}/genai_config.json",
@@ -174,6 +178,20 @@ def export_bundle(
             meta["validation"] = run_validation(ckpt, tmp, meta, profiles, eval_tokens, progress)
         manifest = write_manifest(tmp, meta)
     return manifest
+
+
+def check_formats(formats: tuple[str, ...], scheme: QuantScheme | None, onnx_accuracy_level: int,
+                  onnx_algorithm: str) -> None:
+    """Refuse scheme/format pairs a format cannot hold before any minutes are spent exporting."""
+    if "executorch" in formats and scheme is not None and not scheme.symmetric:
+        raise UnsupportedError(
+            "asymmetric 4-bit weights are not supported for ExecuTorch/XNNPACK (the lowered program "
+            "computed wrong logits on a test model); use symmetric groups, or --format onnx alone"
+        )
+    if "onnx" in formats:
+        from llamaship.export.onnx import builder_options
+
+        builder_options(scheme, onnx_accuracy_level, onnx_algorithm)
 
 
 def smoke_test(art: dict[str, Any], folder: Path, tok_file: Path, ckpt: Any, prompt: str, n_tokens: int,

@@ -122,7 +122,7 @@ def validate(
                      "1 warm-up + 3 runs")
             speed = _speed(folder, art, manifest, ckpt, list(eval_slice.tokens[:n_prompt]), n_gen)
         results.append({"format": art["format"], "path": art["path"],
-                        "scheme": scheme.name if scheme else "fp32",
+                        "scheme": art.get("scheme", scheme.name if scheme else "fp32"),
                         "size_bytes": artifact_bytes(folder, art), "accuracy": acc, "speed": speed})
 
     targets = []

@@ -224,3 +224,18 @@ def test_sigint_mid_export_leaves_nothing(gguf_path, tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted; nothing was written" in err
     assert leftovers(outdir) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--asymmetric"], "asymmetric 4-bit weights are not supported for ExecuTorch"),
+        (["--format", "onnx", "--embedding-bits", "8"], "4-bit embeddings only"),
+        (["--format", "onnx", "--quant", "8da8w"], "4-bit weights"),
+    ],
+)
+def test_unsupported_format_scheme_pairs_refused_before_work(gguf_path, tmp_path, capsys, args, message):
+    out = tmp_path / "b"
+    assert main(["export", "--model", str(gguf_path), "--out", str(out), *args]) == 3
+    assert message in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []

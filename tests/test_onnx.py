@@ -81,10 +81,11 @@ def test_llama31_gqa_rope_scaling_fp32_onnx_matches_module(tmp_path, llama3_hf_d
 def test_int4_graph_holds_the_requested_blocks(llama2_meta_ckpt, meta_int4_onnx):
     quant = describe_quantization(meta_int4_onnx / "model.onnx")
     ops = quant["quantized_ops"]
-    layers = ops["MatMulNBits int4 block 32 accuracy_level 4 symmetric"]
+    layers = ops["MatMulNBits int4 block 32 accuracy_level 4 asymmetric"]  # k_quant: scale + zero point
     assert layers["count"] == 2 * 5  # qkv (fused), o, gate, up, down per layer
-    assert ops["MatMulNBits int8 block 32 accuracy_level 4 symmetric"]["examples"] == ["/lm_head/MatMul_Q8"]
+    assert ops["MatMulNBits int8 block 32 accuracy_level 4 asymmetric"]["examples"] == ["/lm_head/MatMul_Q8"]
     assert ops["GatherBlockQuantized int4 block 32 symmetric"]["count"] == 1
+    assert len(ops) == 3
     assert quant["float_parameters"] < 10_000  # norms and rotary caches only
 
     got = run_steps(OnnxModule(meta_int4_onnx).forward)
@@ -94,11 +95,16 @@ def test_int4_graph_holds_the_requested_blocks(llama2_meta_ckpt, meta_int4_onnx)
         assert (g - r).abs().max().item() > 1e-3  # it really is quantized
 
 
-def test_asymmetric_and_block_64(tmp_path, llama2_meta_ckpt):
-    folder = export(llama2_meta_ckpt, tmp_path / "a64", QuantScheme(group_size=64, symmetric=False, lm_head_bits=4))
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_block_64(tmp_path, llama2_meta_ckpt, symmetric):
+    scheme = QuantScheme(group_size=64, symmetric=symmetric, lm_head_bits=4)
+    folder = tmp_path / "r64"
+    export_onnx(llama2_meta_ckpt.spec, llama2_meta_ckpt.state, llama2_meta_ckpt.tokenizer, scheme, folder,
+                max_context=128, algorithm="rtn", progress=lambda s: None)
     ops = describe_quantization(folder / "model.onnx")["quantized_ops"]
-    assert set(ops) == {"MatMulNBits int4 block 64 accuracy_level 4 asymmetric",
-                        "GatherBlockQuantized int4 block 64 asymmetric"}
+    kind = "symmetric" if symmetric else "asymmetric"
+    assert set(ops) == {f"MatMulNBits int4 block 64 accuracy_level 4 {kind}",
+                        f"GatherBlockQuantized int4 block 64 {kind}"}
     got = run_steps(OnnxModule(folder).forward)
     assert all(torch.isfinite(g).all() for g in got)
 
@@ -164,10 +170,11 @@ def test_genai_tokenizer_llama2_sentencepiece_divergence(meta_fp32_onnx, llama2_
     [
         (QuantScheme(bits=8), "4-bit weights"),
         (QuantScheme(embedding_bits=8), "4-bit embeddings only"),
+        (QuantScheme(), "algorithm 'gptq'"),
     ],
 )
 def test_unsupported_onnx_schemes_are_refused(scheme, message):
     from llamaship.errors import UnsupportedError
 
     with pytest.raises(UnsupportedError, match=message):
-        builder_options(scheme, 4)
+        builder_options(scheme, 4, "gptq" if scheme == QuantScheme() else "k_quant")

@@ -34,11 +34,20 @@ def test_smollm2_bundle_answers_paris(tmp_path: Path):
     assert llamaship("verify", str(out)).returncode == 0
     # validation ran with the default x86_emulator profile on a 4096-token slice
     report = json.loads((out / "report.json").read_text())
+    assert [a["format"] for a in report["artifacts"]] == ["executorch", "onnx"]
     acc = report["artifacts"][0]["accuracy"]
     assert manifest["validation"]["passed"], report["targets"][0]["gates"]
     # measured: KLD 0.394, top-1 0.675, PPL x1.41 on this slice; a real but imperfect 4-bit artifact
     assert 0.05 < acc["mean_kld"] < 0.5 and 0.6 < acc["top1_agreement"] < 0.95 and 1.0 < acc["ppl_ratio"] < 1.5
     assert report["artifacts"][0]["speed"]["decode_tok_s"]["median"] > 20
+    # the ONNX artifact (k_quant int4 g32, int8 lm_head, int4 embedding): measured KLD 0.280,
+    # top-1 0.717, PPL x1.205 on this slice; it also answers Paris
+    onnx = next(a for a in manifest["artifacts"] if a["format"] == "onnx")
+    assert "Paris" in onnx["smoke_test"]["text"], onnx["smoke_test"]["text"]
+    oacc = report["artifacts"][1]["accuracy"]
+    assert 0.05 < oacc["mean_kld"] < 0.4 and 0.65 < oacc["top1_agreement"] < 0.95 and 1.0 < oacc["ppl_ratio"] < 1.4
+    assert report["artifacts"][1]["speed"]["decode_tok_s"]["median"] > 10
+    assert manifest["files"]["onnx/model.onnx.data"]["size"] < 140e6
     # device-fit weights prediction vs the real .pte
     from llamaship.export.checkpoint import load_spec
     from llamaship.pipeline import default_model
@@ -54,3 +63,7 @@ def test_smollm2_bundle_answers_paris(tmp_path: Path):
     assert "Paris" in gen.stdout
     stats = json.loads(gen.stdout.strip().splitlines()[-1])
     assert stats["decode_tok_s"] > 0
+    gen = llamaship("generate", str(out), "--format", "onnx", "--prompt", "What is the capital of France?",
+                    "--chat", "--max-new-tokens", "24", "--json")
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert "Paris" in gen.stdout and "<|im_end|>" not in gen.stdout
