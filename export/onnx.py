@@ -73,6 +73,7 @@ def builder_options(
         raise UnsupportedError("onnxruntime's GatherBlockQuantized takes 4-bit embeddings only: "
                                "use --embedding-bits 4 or 0 for onnx")
     if algorithm == "k_quant":
+        del opts["is_symmetric"]  # k_quant always stores a zero point per block
         opts["algo_config"] = "k_quant"  # leaves the embedding float: see quantize_embedding
     elif scheme.embedding_bits == 4:
         opts["op_types_to_quantize"] = "MatMul/Gather"

@@ -97,7 +97,7 @@ def print_validation(bundle: Path) -> None:
         verdict = "PASS" if not failed else "FAIL: " + ", ".join(
             f"{g['gate']} {g['value']} vs limit {g['limit']}" + (f" (by {g['by']:+})" if g["by"] is not None else "")
             for g in failed)
-        print(f"  target {t['profile']} ({t['speed_source']}; ceiling "
+        print(f"  target {t['profile']}, {t['artifact']} ({t['speed_source']}; ceiling "
               f"{t['fit']['decode_ceiling_tok_s']:.1f} tok/s): {verdict}")
     print(f"  report: {bundle / 'report.md'}")
 

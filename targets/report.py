@@ -32,16 +32,18 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{_fmt(acc['top1_agreement'])} | {_fmt(acc['rms_dp'], 4)} | {med('prefill_tok_s')} | "
             f"{med('decode_tok_s')} | {med('ttft_ms')} | {med('load_ms')} | "
             f"{_fmt(sp.get('peak_rss_mb'), 0)} |")
-    if any(a.get("speed") for a in report["artifacts"]):
-        sp = next(a["speed"] for a in report["artifacts"] if a.get("speed"))
-        lines += ["", f"Speed: {sp['runtime']}; {sp['prompt_tokens']}-token prompt, "
-                  f"{sp['generated_tokens']} generated tokens, {sp['warmup_runs']} warm-up + "
-                  f"{sp['runs']} runs, median (min-max in report.json)."]
+    speeds = [(a["path"], a["speed"]) for a in report["artifacts"] if a.get("speed")]
+    if speeds:
+        lines.append("")
+    for path, sp in speeds:
+        lines.append(f"Speed of {path}: {sp['runtime']}; {sp['prompt_tokens']}-token prompt, "
+                     f"{sp['generated_tokens']} generated tokens, {sp['warmup_runs']} warm-up + "
+                     f"{sp['runs']} runs, median (min-max in report.json).")
     lines += ["", "## Targets", ""]
     for t in report["targets"]:
         fit = t["fit"]
         verdict = "PASS" if t["passed"] else "FAIL"
-        lines += [f"### {t['profile']}: {t['device']} - {verdict}", "",
+        lines += [f"### {t['profile']}: {t['device']}, {t['artifact']} - {verdict}", "",
                   f"- speed: {t['speed_source']}",
                   f"- fit: weights {fit['weight_bytes'] / 1e9:.3f} GB + KV {fit['kv_cache_bytes'] / 1e9:.3f} GB "
                   f"at {fit['context']} tokens = {fit['total_bytes'] / 1e9:.3f} GB (budget "
