@@ -112,12 +112,14 @@ def write_hf_folder(
     if len(shards) == 1:
         save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
     else:
-        weight_map = {}
+        weight_map: dict[str, str] = {}
+        total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, str(folder / fname), metadata={"format": "pt"})
             weight_map |= dict.fromkeys(shard, fname)
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}  # transformers needs both
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     (folder / "config.json").write_text(json.dumps(hf_config(spec, dtype), indent=1))
     write_tokenizer_files(tokenizer, spec, folder)
     return folder

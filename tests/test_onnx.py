@@ -178,3 +178,19 @@ def test_unsupported_onnx_schemes_are_refused(scheme, message):
 
     with pytest.raises(UnsupportedError, match=message):
         builder_options(scheme, 4, "gptq" if scheme == QuantScheme() else "k_quant")
+
+
+def test_sharded_hf_folder_reaches_the_builder(tmp_path, llama2_meta_ckpt):
+    """Checkpoints over the shard size (2 GB for real models) are written as HF shards + index;
+    transformers (inside the builder) must accept that index, and the graph must match."""
+    from llamaship.export.hf_folder import write_hf_folder
+    from llamaship.export.onnx import run_builder
+
+    ckpt = llama2_meta_ckpt
+    hf = write_hf_folder(ckpt.spec.replace(max_context=128), ckpt.state, ckpt.tokenizer, tmp_path / "hf",
+                         shard_bytes=4 << 20)
+    assert len(list(hf.glob("model-*-of-*.safetensors"))) > 1
+    run_builder(hf, tmp_path / "out", "fp32", {}, tmp_path / "log", tmp_path / "cache")
+    got = run_steps(OnnxModule(tmp_path / "out").forward)
+    for g, r in zip(got, eager_steps(ckpt), strict=True):
+        assert (g - r).abs().max().item() <= 1e-4
