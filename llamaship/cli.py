@@ -211,6 +211,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from llamaship.profiling.adb import Adb
+    from llamaship.profiling.run import profile_bundle
+    from llamaship.targets.report import write_report
+
+    runner = Path(args.runner)
+    if not runner.is_file():
+        from llamaship.errors import UnsupportedError
+
+        raise UnsupportedError(f"{runner}: llama_main not found; build it for the phone (ExecuTorch's "
+                               "examples/models/llama, Android ABI arm64-v8a) and pass its path with --runner")
+    report = profile_bundle(Path(args.bundle), Adb(args.device, adb=args.adb), runner, runs=args.runs,
+                            warmup=args.warmup, threads=args.threads, gen_tokens=args.gen_tokens,
+                            push=not args.no_push, progress=_progress_printer())
+    out = Path(args.out or f"profile-{args.device}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(report, out)
+    sp = report["artifacts"][0]["speed"]
+    print(f"{report['device']['model']}: prefill {sp['prefill_tok_s']['median']:.1f} tok/s, decode "
+          f"{sp['decode_tok_s']['median']:.1f} tok/s, TTFT {sp['ttft_ms']['median']:.0f} ms "
+          f"(median of {sp['runs']}); report: {out / 'report.md'}")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from llamaship.bundle import verify_bundle
 
@@ -324,6 +348,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="evaluation slice length (default: the profile's, 32768)")
     val.set_defaults(func=cmd_validate)
 
+    prof = sub.add_parser("profile", help="measure a bundle's .pte on an Android phone over adb",
+                          description="Push the bundle's .pte, tokenizer and your llama_main build to "
+                          "/data/local/tmp/llama/, run warm-up + N greedy generations with pinned threads, "
+                          "read the runner's PyTorchObserver stats, record device facts and thermal state "
+                          "before/after, and write report.json/md/png in the host validation format. "
+                          "Needs a phone with USB debugging; nothing here can stand in for it.")
+    prof.add_argument("bundle", help="bundle folder")
+    prof.add_argument("--device", required=True, metavar="SERIAL", help="adb serial (see `adb devices`)")
+    prof.add_argument("--runner", required=True,
+                      help="llama_main built for the phone (ExecuTorch examples/models/llama, arm64-v8a)")
+    prof.add_argument("--runs", type=int, default=3, help="timed runs (default 3)")
+    prof.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs first (default 1)")
+    prof.add_argument("--threads", type=int, default=4,
+                      help="--cpu_threads for llama_main (default 4: the performance cores of most SoCs)")
+    prof.add_argument("--gen-tokens", type=int, default=128, help="tokens to generate per run (default 128)")
+    prof.add_argument("--adb", default="adb", help="adb executable (default: adb on PATH)")
+    prof.add_argument("--no-push", action="store_true", help="files are already on the device")
+    prof.add_argument("--out", help="report folder (default profile-SERIAL)")
+    prof.set_defaults(func=cmd_profile)
+
     fit = sub.add_parser("fit", help="predict RAM use and the decode speed ceiling per target",
                          description="Weights + KV cache vs each profile's RAM budget, and the "
                          "bandwidth roofline (bytes read per token / memory bandwidth). Reads only "
@@ -365,8 +409,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        # The staging folder is already removed (bundle.staging_dir). Leave now with 130: a CI run
+        # once saw the process die of SIGINT (-2) during interpreter shutdown after this message,
+        # from native code's own signal handling, which scripts would read as a crash.
+        import os
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
 
 if __name__ == "__main__":

@@ -12,24 +12,29 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    lines = [f"# Validation report: {report['model']}", "",
-             f"Evaluation slice: {report['slice']}.", "",
+    device = report.get("device")
+    title = f"On-device report: {report['model']} on {device.get('model')}" if device else \
+        f"Validation report: {report['model']}"
+    lines = [f"# {title}", "",
+             f"Evaluation slice: {report['slice'] or 'none (speed only)'}.", "",
              "## Accuracy (on each artifact's own runtime) and speed", "",
              "| artifact | scheme | size MB | PPL | PPL ratio | mean KLD | top-1 | RMS Δp | "
              "prefill tok/s | decode tok/s | TTFT ms | load ms | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-             f"| fp32 reference (PyTorch) | fp32 | - | {_fmt(report['reference']['ppl'])} | 1.000 | 0 | 1.000 "
-             "| 0 | - | - | - | - | - |"]
+             ]
+    if report.get("reference"):
+        lines.append(f"| fp32 reference (PyTorch) | fp32 | - | {_fmt(report['reference']['ppl'])} | 1.000 | 0 | "
+                     "1.000 | 0 | - | - | - | - | - |")
     for a in report["artifacts"]:
-        acc, sp = a["accuracy"], a.get("speed") or {}
+        acc, sp = a.get("accuracy") or {}, a.get("speed") or {}
 
         def med(k: str, sp: dict[str, Any] = sp) -> str:
             return _fmt(sp[k]["median"], 1) if k in sp else "-"
 
         lines.append(
             f"| {a['path']} ({a['format']}) | {a['scheme']} | {a['size_bytes'] / 1e6:.1f} | "
-            f"{_fmt(acc['ppl'])} | {_fmt(acc['ppl_ratio'])} | {_fmt(acc['mean_kld'], 4)} | "
-            f"{_fmt(acc['top1_agreement'])} | {_fmt(acc['rms_dp'], 4)} | {med('prefill_tok_s')} | "
+            f"{_fmt(acc.get('ppl'))} | {_fmt(acc.get('ppl_ratio'))} | {_fmt(acc.get('mean_kld'), 4)} | "
+            f"{_fmt(acc.get('top1_agreement'))} | {_fmt(acc.get('rms_dp'), 4)} | {med('prefill_tok_s')} | "
             f"{med('decode_tok_s')} | {med('ttft_ms')} | {med('load_ms')} | "
             f"{_fmt(sp.get('peak_rss_mb'), 0)} |")
     speeds = [(a["path"], a["speed"]) for a in report["artifacts"] if a.get("speed")]
@@ -39,6 +44,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"Speed of {path}: {sp['runtime']}; {sp['prompt_tokens']}-token prompt, "
                      f"{sp['generated_tokens']} generated tokens, {sp['warmup_runs']} warm-up + "
                      f"{sp['runs']} runs, median (min-max in report.json).")
+    if device:
+        lines += ["", "## Device", ""] + [f"- {k}: {v}" for k, v in device.items()]
     lines += ["", "## Targets", ""]
     for t in report["targets"]:
         fit = t["fit"]
@@ -66,6 +73,8 @@ def render_png(report: dict[str, Any], path: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for a in report["artifacts"]:
+        if not a.get("accuracy"):
+            continue
         ax1.scatter(a["size_bytes"] / 1e6, a["accuracy"]["mean_kld"], s=60)
         ax1.annotate(f"{a['format']} {a['scheme']}", (a["size_bytes"] / 1e6, a["accuracy"]["mean_kld"]),
                      fontsize=7, xytext=(4, 4), textcoords="offset points")
@@ -73,6 +82,11 @@ def render_png(report: dict[str, Any], path: Path) -> None:
     ax1.set_ylabel("mean KLD vs fp32 (nats/token)")
     ax1.set_title("accuracy vs size")
     labels, values, colors = [], [], []
+    device = report.get("device")
+    for a in report["artifacts"] if device else []:
+        labels.append(f"{device.get('model')}\n(measured)")
+        values.append(a["speed"]["decode_tok_s"]["median"])
+        colors.append("tab:green")
     for t in report["targets"]:
         art = next(a for a in report["artifacts"] if a["path"] == t["artifact"])
         if art.get("speed") and t["speed_source"].startswith("measured"):

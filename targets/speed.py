@@ -66,29 +66,37 @@ def benchmark(
     if res.returncode != 0 or line is None:
         raise RuntimeFailure(f"{pte}: speed run failed: {res.stderr.strip().splitlines()[-1:]}")
     data = json.loads(line)
-    runs_ = data["runs"]
-    if not runs_:
+    if not data["runs"]:
         raise RuntimeFailure(f"{pte}: the runner reported no stats")
+    return summarize_runner_stats(data["runs"], "ExecuTorch TextLLMRunner (C++), this x86_64 host", warmup,
+                                  data["peak_rss_mb"])
 
-    def per_run(stat: dict[str, Any]) -> dict[str, float]:
-        prompt_ms = max(stat["prompt_eval_end_ms"] - stat["inference_start_ms"], 1)
-        decode_ms = max(stat["inference_end_ms"] - stat["prompt_eval_end_ms"], 1)
-        return {
-            "prefill_tok_s": stat["prompt_tokens"] * 1000 / prompt_ms,
-            "decode_tok_s": stat["generated_tokens"] * 1000 / decode_ms,  # the runner's own formula
-            "ttft_ms": stat.get("first_token_ms", stat["prompt_eval_end_ms"]) - stat["inference_start_ms"],
-            "load_ms": stat["model_load_end_ms"] - stat["model_load_start_ms"],
-        }
 
-    measured = [per_run(s) for s in runs_]
+def runner_rates(stat: dict[str, Any]) -> dict[str, float]:
+    """One run's rates from the runner's stats (the `PyTorchObserver {...}` JSON), with the
+    runner's own formulas; a 0 ms phase counts as 1 ms instead of dividing by zero."""
+    prompt_ms = max(stat["prompt_eval_end_ms"] - stat["inference_start_ms"], 1)
+    decode_ms = max(stat["inference_end_ms"] - stat["prompt_eval_end_ms"], 1)
     return {
-        "runtime": "ExecuTorch TextLLMRunner (C++), this x86_64 host",
-        "prompt_tokens": runs_[0]["prompt_tokens"],
-        "generated_tokens": runs_[0]["generated_tokens"],
+        "prefill_tok_s": stat["prompt_tokens"] * 1000 / prompt_ms,
+        "decode_tok_s": stat["generated_tokens"] * 1000 / decode_ms,
+        "ttft_ms": stat.get("first_token_ms", stat["prompt_eval_end_ms"]) - stat["inference_start_ms"],
+        "load_ms": stat["model_load_end_ms"] - stat["model_load_start_ms"],
+    }
+
+
+def summarize_runner_stats(stats: list[dict[str, Any]], runtime: str, warmup: int,
+                           peak_rss_mb: float | None) -> dict[str, Any]:
+    """The report's speed entry, shared by host validation and on-device profiling."""
+    measured = [runner_rates(s) for s in stats]
+    return {
+        "runtime": runtime,
+        "prompt_tokens": stats[0]["prompt_tokens"],
+        "generated_tokens": stats[0]["generated_tokens"],
         "warmup_runs": warmup,
         "runs": len(measured),
         **{k: _summary([m[k] for m in measured]) for k in measured[0]},
-        "peak_rss_mb": data["peak_rss_mb"],
+        "peak_rss_mb": peak_rss_mb,
     }
 
 
