@@ -17,25 +17,7 @@ from llamaship.export.model import build_model
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.quantize.torchao_quant import quantize_for_executorch
 from llamaship.targets.executorch_runtime import PteModule, generate
-
-PROMPT = [5, 17, 42, 99, 7, 250, 31]
-DECODE = [12, 64, 3]
-
-
-def run_steps(step) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
-    """Prefill PROMPT, then feed DECODE one token at a time: exercises the KV cache state."""
-    outs = [step(PROMPT, 0)]
-    for i, tok in enumerate(DECODE):
-        outs.append(step([tok], len(PROMPT) + i))
-    return outs
-
-
-def eager_steps(model) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
-    def step(tokens, pos):  # type: ignore[no-untyped-def]
-        with torch.no_grad():
-            return model(torch.tensor([tokens]), torch.tensor([pos]))
-
-    return run_steps(step)
+from steps import eager_steps, run_steps
 
 
 def test_fp32_pte_matches_module(tiny_ckpt, tiny_fp32_pte):

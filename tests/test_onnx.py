@@ -18,27 +18,12 @@ from llamaship.export.model import build_model
 from llamaship.export.onnx import builder_options, describe_quantization, export_onnx
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.targets.onnx_runtime import OnnxModule, generate_text
-
-PROMPT = [5, 17, 42, 99, 7, 250, 31]
-DECODE = [12, 64, 3]
-
-
-def run_steps(step) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
-    """Prefill PROMPT in one call, then DECODE one token at a time through the KV cache."""
-    outs = [step(PROMPT, 0)]
-    for i, tok in enumerate(DECODE):
-        outs.append(step([tok], len(PROMPT) + i))
-    return outs
+from steps import eager_steps as module_steps
+from steps import run_steps
 
 
 def eager_steps(ckpt) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
-    model = build_model(ckpt.spec, ckpt.state, max_context=128)
-
-    def step(tokens, pos):  # type: ignore[no-untyped-def]
-        with torch.no_grad():
-            return model(torch.tensor([tokens]), torch.tensor([pos]))
-
-    return run_steps(step)
+    return module_steps(build_model(ckpt.spec, ckpt.state, max_context=128))
 
 
 def export(ckpt, folder: Path, scheme: QuantScheme | None) -> Path:  # type: ignore[no-untyped-def]
