@@ -18,8 +18,9 @@ from llamaship.quantize.scheme import QuantScheme
 from llamaship.targets.speed import peak_rss_mb
 
 SMOKE_PROMPT = "The capital of France is"
-FORMATS = ("executorch", "onnx")
+FORMATS = ("executorch", "onnx", "coreml")
 ONNX_DIR = "onnx"
+COREML_PACKAGE = "model.mlpackage"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -147,6 +148,30 @@ def export_bundle(
                             "present.{i}.key/value": f"float32 [1, {spec.n_kv_heads}, past + T, {spec.head_dim}]"},
                 "quantization": res["quantization"],
             })
+        if "coreml" in formats:
+            from llamaship.export.coreml import MIN_TARGET, export_coreml
+
+            cm_seq = min(max_seq_len, max_context)
+            res = export_coreml(spec, ckpt.state, scheme, tmp / COREML_PACKAGE, max_context=max_context,
+                                max_seq_len=cm_seq, progress=progress)
+            timings |= {f"coreml_{k}": round(v, 2) for k, v in res["timings"].items()}
+            cache = f"float16 [{spec.n_layers}, {spec.n_kv_heads}, {max_context}, {spec.head_dim}]"
+            artifacts.append({
+                "format": "coreml", "path": COREML_PACKAGE,
+                "scheme": (f"w4-g{scheme.group_size}{'' if scheme.symmetric else '-asym'}-"
+                           f"emb{res['quantization']['embedding_bits']}-head{scheme.lm_head_bits}-fp16"
+                           if scheme else "fp16"),
+                "backend": f"Core ML ML program ({MIN_TARGET}+ / macOS 15+, fp16 compute)",
+                "max_context": max_context, "max_seq_len": cm_seq,
+                "inputs": {"input_ids": f"int32 [1, T], 1 <= T <= {cm_seq}",
+                           "causal_mask": "float16 [1, 1, T, past + T]: 0 where query i may attend key j "
+                                          "(j <= past + i), -1e4 elsewhere; past = tokens already in the cache"},
+                "states": {"k_cache": cache, "v_cache": cache},
+                "outputs": {"logits": "float16 [1, vocab] (last position)"},
+                "usage": "MLModel.make_state() once per conversation; predict(inputs, state=...) for the "
+                         "prompt (T tokens, past 0), then one token at a time (T = 1, past grows by T)",
+                "quantization": res["quantization"],
+            })
         tok_file = ckpt.tokenizer.write_runner_file(tmp)
         smoke: dict[str, Any] | None = None
         if smoke_prompt:
@@ -188,6 +213,9 @@ def check_formats(formats: tuple[str, ...], scheme: QuantScheme | None, onnx_acc
             "asymmetric 4-bit weights are not supported for ExecuTorch/XNNPACK (the lowered program "
             "computed wrong logits on a test model); use symmetric groups, or --format onnx alone"
         )
+    if "coreml" in formats and scheme is not None and scheme.bits != 4:
+        raise UnsupportedError(f"--format coreml stores 4-bit per-block weights; {scheme.name} is not "
+                               "supported (use --quant 8da4w or fp32)")
     if "onnx" in formats:
         from llamaship.export.onnx import builder_options
 
@@ -206,6 +234,13 @@ def smoke_test(art: dict[str, Any], folder: Path, tok_file: Path, ckpt: Any, pro
                        num_bos=1 if spec.add_bos and spec.bos_id is not None else 0)
         return {"runtime": "executorch TextLLMRunner (x86_64 host)", "prompt": prompt,
                 "text": gen.text, "stats": gen.stats}
+    if art["format"] == "coreml":
+        from llamaship.targets.coreml_runtime import CoreMLModule, generate_ids, runtime_name
+
+        progress(f"smoke test: {runtime_name()}, prompt {prompt!r}")
+        ids = ckpt.tokenizer.encode(prompt)
+        new, stats = generate_ids(CoreMLModule(folder / art["path"]), ids, n_tokens, spec.stop_ids)
+        return {"runtime": runtime_name(), "prompt": prompt, "text": ckpt.tokenizer.decode(new), "stats": stats}
     from llamaship.targets.onnx_runtime import generate_text
 
     progress(f"smoke test: onnxruntime-genai on this host, prompt {prompt!r}")

@@ -21,16 +21,27 @@ SPEED_PROMPT_TOKENS = 128
 SPEED_GEN_TOKENS = 128
 
 
-RUNTIMES = {"executorch": "ExecuTorch's runtime", "onnx": "onnxruntime (CPU EP)"}
+RUNTIMES = {"executorch": "ExecuTorch's runtime", "onnx": "onnxruntime (CPU EP)",
+            "coreml": "Core ML on macOS, else the MIL reference evaluator (NumPy)"}
 
 
 def artifact_bytes(folder: Path, art: dict[str, Any]) -> int:
-    """An ONNX model is its graph plus its external weights file."""
+    """An ONNX model is its graph plus its external weights file; an .mlpackage is a folder."""
     paths = [folder / art["path"]] + ([folder / art["external_data"]] if art.get("external_data") else [])
-    return sum(p.stat().st_size for p in paths if p.exists())
+    total = 0
+    for p in paths:
+        if p.is_dir():
+            total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        elif p.exists():
+            total += p.stat().st_size
+    return total
 
 
 def _load_module(folder: Path, art: dict[str, Any]) -> Any:
+    if art["format"] == "coreml":
+        from llamaship.targets.coreml_runtime import CoreMLModule
+
+        return CoreMLModule(folder / art["path"])
     if art["format"] == "onnx":
         from llamaship.targets.onnx_runtime import OnnxModule
 
@@ -114,7 +125,10 @@ def validate(
         acc = accuracy.evaluate_stepwise(module.forward, eval_slice, reference, progress).to_json()
         del module
         speed = None
-        if measure_speed and any(p.measured_here for p in profiles):
+        if art["format"] == "coreml":
+            progress("speed of the Core ML artifact: not measured (no Apple hardware here); the Apple "
+                     "profile reports the bandwidth roofline")
+        elif measure_speed and any(p.measured_here for p in profiles):
             # 128 + 128 tokens, or what the artifact's context allows
             n_prompt = min(SPEED_PROMPT_TOKENS, art["max_context"] // 2)
             n_gen = min(SPEED_GEN_TOKENS, art["max_context"] - n_prompt - 8)

@@ -1,0 +1,213 @@
+"""Core ML export: a stateful ML program (.mlpackage) for iOS 18 / macOS 15 with the KV cache held
+as Core ML state and 4-bit per-block weights.
+
+Why a separate forward (`CoreMLLlama`) instead of `Llama` itself: Core ML programs cannot read a
+scalar out of a tensor to index with (our `input_pos[0].item()`), so positions come from shapes, the
+way Apple's own stateful Llama sample does it. The app feeds `input_ids` [1, T] and `causal_mask`
+[1, 1, T, past + T] (0 where a query may attend, -inf elsewhere); past = mask width - T is where the
+new keys/values are written into the `k_cache` / `v_cache` states [n_layers, n_kv_heads, max_context,
+head_dim]. One program serves prefill (T up to max_seq_len) and decode (T = 1) through flexible
+shapes. It shares the weights of the module every other format is exported from.
+
+4-bit: coremltools' `linear_quantize_weights` (int4, per_block along the input axis, block size from
+the shared `QuantScheme`), which stores each weight as `constexpr_blockwise_shift_scale`; the saved
+program is read back to check that every linear weight got exactly the requested block.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamaship.errors import ExportError, UnsupportedError
+from llamaship.export.model import Llama, apply_rope, build_model
+from llamaship.export.spec import ModelSpec
+from llamaship.quantize.scheme import QuantScheme
+
+MIN_TARGET = "iOS18"  # stateful programs and constexpr_blockwise_shift_scale need iOS 18 / macOS 15
+MASK_MIN = -1e4  # fp16-safe "-inf" for masked positions (fp16 max is 65504)
+
+
+class CoreMLLlama(nn.Module):
+    """Wraps a built `Llama` (impl "torch"): same weights, Core ML-shaped inputs and state."""
+
+    def __init__(self, model: Llama) -> None:
+        super().__init__()
+        spec = model.spec
+        self.spec, self.model = spec, model
+        shape = (spec.n_layers, spec.n_kv_heads, model.max_context, spec.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=torch.float16))
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=torch.float16))
+
+    def forward(self, input_ids: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
+        m, spec = self.model, self.spec
+        seqlen = input_ids.shape[1]
+        end = causal_mask.shape[-1]
+        start = end - seqlen
+        cos, sin = m.rope_cos[start:end], m.rope_sin[start:end]
+        group = spec.n_heads // spec.n_kv_heads
+        h = m.tok_embeddings(input_ids)
+        for i, layer in enumerate(m.layers):
+            att = layer.attention
+            x = layer.attention_norm(h)
+            q = apply_rope(att.wq(x).view(1, seqlen, spec.n_heads, spec.head_dim), cos, sin)
+            k = apply_rope(att.wk(x).view(1, seqlen, spec.n_kv_heads, spec.head_dim), cos, sin)
+            v = att.wv(x).view(1, seqlen, spec.n_kv_heads, spec.head_dim)
+            self.k_cache[i : i + 1, :, start:end] = k.transpose(1, 2).to(torch.float16)
+            self.v_cache[i : i + 1, :, start:end] = v.transpose(1, 2).to(torch.float16)
+            keys = self.k_cache[i : i + 1, :, :end].to(q.dtype)
+            values = self.v_cache[i : i + 1, :, :end].to(q.dtype)
+            if group > 1:
+                keys = keys.repeat_interleave(group, dim=1)
+                values = values.repeat_interleave(group, dim=1)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=causal_mask)
+            h = h + att.wo(y.transpose(1, 2).reshape(1, seqlen, -1))
+            h = h + layer.feed_forward(layer.ffn_norm(h))
+        return m.output(m.norm(h[:, -1, :]))
+
+
+def causal_mask(past: int, seqlen: int, dtype: Any = np.float32) -> np.ndarray:
+    """The mask an app feeds: query i (absolute past + i) attends to key slots j <= past + i."""
+    q = np.arange(seqlen)[:, None] + past
+    k = np.arange(past + seqlen)[None, :]
+    return np.where(k <= q, 0.0, MASK_MIN).astype(dtype)[None, None]
+
+
+def convert(
+    spec: ModelSpec, state: dict[str, torch.Tensor], max_context: int, max_seq_len: int,
+    compute_fp16: bool = True,
+) -> Any:
+    """Trace the Core ML forward and convert it to a float ML program (an `MLModel`)."""
+    import coremltools as ct
+
+    model = CoreMLLlama(build_model(spec, state, max_context=max_context, impl="torch")).eval()
+    example = (torch.zeros((1, 2), dtype=torch.int32), torch.from_numpy(causal_mask(0, 2)))
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example, check_trace=False)
+    seq = ct.RangeDim(lower_bound=1, upper_bound=max_seq_len, default=1)
+    ctx = ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1)
+    cache_shape = (spec.n_layers, spec.n_kv_heads, max_context, spec.head_dim)
+    try:
+        return ct.convert(
+            traced,
+            inputs=[ct.TensorType(name="input_ids", shape=(1, seq), dtype=np.int32),
+                    ct.TensorType(name="causal_mask", shape=(1, 1, seq, ctx), dtype=np.float16)],
+            outputs=[ct.TensorType(name="logits", dtype=np.float16)],
+            states=[ct.StateType(wrapped_type=ct.TensorType(shape=cache_shape, dtype=np.float16), name="k_cache"),
+                    ct.StateType(wrapped_type=ct.TensorType(shape=cache_shape, dtype=np.float16), name="v_cache")],
+            minimum_deployment_target=getattr(ct.target, MIN_TARGET),
+            compute_precision=ct.precision.FLOAT16 if compute_fp16 else ct.precision.FLOAT32,
+            skip_model_load=True,
+        )
+    except Exception as exc:
+        raise ExportError(f"coremltools could not convert {spec.name}: {exc}") from exc
+
+
+def quantize(mlmodel: Any, scheme: QuantScheme) -> tuple[Any, dict[str, Any]]:
+    """int4 per-block linear weights; embedding and lm_head per the scheme. Returns the quantized
+    model and what was decided for the embedding/lm_head.
+
+    coremltools merges identical constants, so a tied model's embedding and lm_head are one matrix
+    that both `gather` and the last `linear` read: it gets the lm_head's bits (the more
+    error-sensitive consumer) and is stored once."""
+    import coremltools.optimize as cto
+
+    if scheme.bits != 4:
+        raise UnsupportedError(f"Core ML export supports 4-bit linear weights, not {scheme.name}")
+    mode = "linear_symmetric" if scheme.symmetric else "linear"
+
+    def config(bits: int) -> Any:
+        if bits == 0:
+            return None
+        if bits == 4:
+            return cto.coreml.OpLinearQuantizerConfig(mode=mode, dtype="int4", granularity="per_block",
+                                                      block_size=scheme.group_size, weight_threshold=0)
+        return cto.coreml.OpLinearQuantizerConfig(mode=mode, dtype="int8", granularity="per_channel",
+                                                  weight_threshold=0)
+
+    embedding, head = _weight_const(mlmodel, "embedding"), _weight_const(mlmodel, "lm_head")
+    shared = embedding is not None and embedding == head
+    by_name: dict[str, Any] = {}
+    if embedding is not None and not shared:
+        by_name[embedding] = config(scheme.embedding_bits)
+    if head is not None:
+        by_name[head] = config(scheme.lm_head_bits)
+    cfg = cto.coreml.OptimizationConfig(op_type_configs={"linear": config(4)}, op_name_configs=by_name)
+    decided = {"embedding_bits": scheme.lm_head_bits if shared else scheme.embedding_bits,
+               "lm_head_bits": scheme.lm_head_bits, "embedding_shared_with_lm_head": shared}
+    return cto.coreml.linear_quantize_weights(mlmodel, cfg), decided
+
+
+def _weight_const(mlmodel: Any, which: str) -> str | None:
+    """Name of the const op holding the embedding table (gather's input) or lm_head (last linear)."""
+    ops = list(mlmodel._mil_program.functions["main"].operations)
+    if which == "embedding":
+        cands = [op.x for op in ops if op.op_type == "gather" and op.x.op is not None
+                 and op.x.op.op_type == "const" and op.x.rank == 2]
+    else:
+        linears = [op for op in ops if op.op_type == "linear"]
+        cands = [linears[-1].weight] if linears else []
+    return cands[0].op.name if cands and cands[0].op is not None else None
+
+
+def export_coreml(
+    spec: ModelSpec, state: dict[str, torch.Tensor], scheme: QuantScheme | None, out: Path,
+    max_context: int, max_seq_len: int, progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Write `out` (.mlpackage). Returns timings and the quantization read back from the program."""
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    progress("converting to a Core ML ML program (coremltools, fp16 compute, KV cache as state)")
+    mlmodel = convert(spec, state, max_context, max_seq_len)
+    timings["convert_s"] = time.perf_counter() - t
+    if scheme is not None:
+        t = time.perf_counter()
+        progress(f"quantizing Core ML weights: int4 per_block {scheme.group_size}")
+        mlmodel, decided = quantize(mlmodel, scheme)
+        timings["quantize_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    mlmodel.save(str(out))
+    timings["save_s"] = time.perf_counter() - t
+    quant = describe_quantization(out)
+    if scheme is not None:
+        quant |= decided
+    if scheme is not None:
+        blocks = [w for w in quant["weights"] if w["feeds"] == ["linear"]]
+        bad: list[Any] = [w for w in blocks if w["dtype"] != "int4" or w["block"] != scheme.group_size]
+        n_linear = 7 * spec.n_layers + (scheme.lm_head_bits == 4)
+        if len(blocks) < 7 * spec.n_layers:
+            bad.append(f"{len(blocks)} quantized linear weights, expected at least {n_linear}")
+        if bad:
+            raise ExportError(f"{out}: {len(bad)} linear weights not int4 block {scheme.group_size}: {bad[:3]}")
+    return {"timings": timings, "quantization": quant}
+
+
+def describe_quantization(package: Path) -> dict[str, Any]:
+    """Every weight of the saved program as stored: constexpr_blockwise_shift_scale weights with
+    bits, block and symmetric/asymmetric, what they feed, and the float parameters left."""
+    from coremltools.converters.mil.mil import types
+
+    from llamaship.targets.mil_eval import Program
+
+    prog = Program(package)
+    weights = []
+    for op in prog.ops:
+        if op.op_type != "constexpr_blockwise_shift_scale":
+            continue
+        data, scale = op.inputs["data"], op.inputs["scale"]
+        blocks = [d // s for d, s in zip(data.val.shape, scale.val.shape, strict=True)]
+        weights.append({"name": op.outputs[0].name, "feeds": prog.consumers(op.outputs[0]),
+                        "shape": list(data.val.shape), "dtype": types.builtin_to_string(data.dtype),
+                        "block": max(blocks), "symmetric": "offset" not in op.inputs})
+    floats = sum(int(op.outputs[0].val.size) for op in prog.ops
+                 if op.op_type == "const" and isinstance(op.outputs[0].val, np.ndarray)
+                 and op.outputs[0].val.ndim >= 1 and op.outputs[0].val.dtype in (np.float16, np.float32)
+                 and not any(c.op_type.startswith("constexpr_") for c in op.outputs[0].child_ops))
+    return {"weights": weights, "float_params": floats}
