@@ -35,6 +35,18 @@ MIN_TARGET = "iOS18"  # stateful programs and constexpr_blockwise_shift_scale ne
 MASK_MIN = -1e4  # fp16-safe "-inf" for masked positions (fp16 max is 65504)
 
 
+def rms_norm_fp16_safe(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm that neither overflows nor underflows in fp16. Core ML runs the program in fp16 (the
+    ANE has no fp32), and SmolLM2's residual reaches |h| ~ 26,000, so h^2 overflows (NaN logits);
+    a fixed prescale (1/256) fixes that but underflows the small early-layer activations instead
+    (cosine 0.99 after one layer). Dividing each row by its own max |h| keeps (h/m)^2 in [0, 1] and
+    mean((h/m)^2) >= 1/dim, and (h/m) * rsqrt(mean((h/m)^2) + eps/m^2) equals h * rsqrt(mean(h^2)
+    + eps) in real arithmetic."""
+    m = x.abs().amax(-1, keepdim=True).clamp(min=1e-2)
+    xs = x / m
+    return norm.weight * (xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + norm.eps / m / m))  # m*m overflows
+
+
 class CoreMLLlama(nn.Module):
     """Wraps a built `Llama` (impl "torch"): same weights, Core ML-shaped inputs and state."""
 
@@ -56,7 +68,7 @@ class CoreMLLlama(nn.Module):
         h = m.tok_embeddings(input_ids)
         for i, layer in enumerate(m.layers):
             att = layer.attention
-            x = layer.attention_norm(h)
+            x = rms_norm_fp16_safe(layer.attention_norm, h)
             q = apply_rope(att.wq(x).view(1, seqlen, spec.n_heads, spec.head_dim), cos, sin)
             k = apply_rope(att.wk(x).view(1, seqlen, spec.n_kv_heads, spec.head_dim), cos, sin)
             v = att.wv(x).view(1, seqlen, spec.n_kv_heads, spec.head_dim)
@@ -69,8 +81,8 @@ class CoreMLLlama(nn.Module):
                 values = values.repeat_interleave(group, dim=1)
             y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=causal_mask)
             h = h + att.wo(y.transpose(1, 2).reshape(1, seqlen, -1))
-            h = h + layer.feed_forward(layer.ffn_norm(h))
-        return m.output(m.norm(h[:, -1, :]))
+            h = h + layer.feed_forward(rms_norm_fp16_safe(layer.ffn_norm, h))
+        return m.output(rms_norm_fp16_safe(m.norm, h[:, -1, :]))
 
 
 def causal_mask(past: int, seqlen: int, dtype: Any = np.float32) -> np.ndarray:

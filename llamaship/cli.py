@@ -19,10 +19,24 @@ from llamaship.errors import LlamashipError
 EXIT_CODES = __doc__.split("Exit codes:", 1)[1].strip()
 
 
+_INTERRUPTED = False
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    """Ctrl-C: raise KeyboardInterrupt as Python does, and remember it. Some library code (import
+    fallbacks in the torch stack) catches BaseException; a test once saw an export carry on to
+    exit 0 after SIGINT. Every progress line re-raises a remembered interrupt."""
+    global _INTERRUPTED
+    _INTERRUPTED = True
+    raise KeyboardInterrupt
+
+
 def _progress_printer() -> callable:  # type: ignore[valid-type]
     start = time.perf_counter()
 
     def progress(msg: str) -> None:
+        if _INTERRUPTED:
+            raise KeyboardInterrupt
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     return progress
@@ -418,7 +432,12 @@ def quiet_library_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = build_parser().parse_args(argv)
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
     quiet_library_warnings()
     try:
         return int(args.func(args))
@@ -437,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)
+    finally:
+        if previous is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -71,8 +71,8 @@ def _slice_by_index(x: Array, begin: Array, end: Array, stride: Array | None = N
 
 def _slice_update(x: Array, update: Array, begin: Array, end: Array, stride: Array | None = None,
                   begin_mask: Array | None = None, end_mask: Array | None = None,
-                  squeeze_mask: Array | None = None) -> Array:
-    out = np.array(x, copy=True)
+                  squeeze_mask: Array | None = None, in_place: bool = False) -> Array:
+    out = x if in_place else np.array(x, copy=True)
     rank = x.ndim
     stride = np.ones(rank, int) if stride is None else stride
     begin_mask = np.zeros(rank, bool) if begin_mask is None else begin_mask
@@ -195,6 +195,9 @@ OPS: dict[str, Callable[..., Any]] = {
     "real_div": lambda x, y: _f32(x) / _f32(y),
     "pow": lambda x, y: np.power(_f32(x), _f32(y)),
     "sqrt": lambda x: np.sqrt(_f32(x)),
+    "abs": lambda x: np.abs(x),
+    "clip": lambda x, alpha, beta: np.clip(_f32(x), float(alpha), float(beta)),
+    "inverse": lambda x, epsilon=1e-4: 1.0 / (_f32(x) + float(epsilon)),  # MIL's default epsilon
     "rsqrt": _rsqrt,
     "exp": lambda x: np.exp(_f32(x)),
     "silu": _silu,
@@ -219,6 +222,13 @@ OPS: dict[str, Callable[..., Any]] = {
     "shape": lambda x: np.array(np.shape(x), dtype=np.int32),
     "cast": _cast,
     "identity": lambda x: x,
+    "select": lambda cond, a, b: np.where(np.asarray(cond, dtype=bool), a, b),
+    "greater_equal": lambda x, y: np.greater_equal(x, y),
+    "greater": lambda x, y: np.greater(x, y),
+    "less_equal": lambda x, y: np.less_equal(x, y),
+    "less": lambda x, y: np.less(x, y),
+    "equal": lambda x, y: np.equal(x, y),
+    "not_equal": lambda x, y: np.not_equal(x, y),
 }
 
 
@@ -247,6 +257,14 @@ class Program:
         self.ops = list(self.function.operations)
         self.state_names = [s.name for s in spec.description.state]
         self.output_names = [o.name for o in self.function.outputs]
+        # slice_update may write into its input when every other reader of it has already run
+        # (the KV-cache update: otherwise each token would copy the whole cache, per layer)
+        position = {id(op): i for i, op in enumerate(self.ops)}
+        self.in_place = {
+            id(op) for i, op in enumerate(self.ops) if op.op_type == "slice_update"
+            and all(position.get(id(c), len(self.ops)) < i for c in op.inputs["x"].child_ops if c is not op)
+            and op.inputs["x"].name not in self.output_names
+        }
         unknown = sorted({op.op_type for op in self.ops} - set(OPS) - {"const", "read_state", "coreml_update_state"})
         if unknown:
             raise RuntimeFailure(
@@ -266,7 +284,7 @@ class MilModel:
 
     def __init__(self, package: Path) -> None:
         self.program = Program(package)
-        self._weights: dict[str, Array] = {}
+        self._weights: dict[str, Array] = {}  # dequantized / widened constants, made once
         self.states: dict[str, Array] = {}
         self.reset_state()
 
@@ -293,8 +311,14 @@ class MilModel:
             return [self._value(v, env) for v in var]
         if var.name in env:
             return env[var.name]
+        if var.name in self._weights:
+            return self._weights[var.name]
         if var.val is not None:
-            return var.val
+            val = var.val
+            if isinstance(val, np.ndarray) and val.dtype == np.float16 and val.size >= 1024:
+                # fp16 weights widened once (exactly); ops compute in fp32 anyway
+                val = self._weights.setdefault(var.name, val.astype(np.float32))
+            return val
         raise RuntimeFailure(f"MIL evaluator: value {var.name!r} used before it is computed")
 
     def _run(self, op: Any, env: dict[str, Any]) -> None:
@@ -310,9 +334,11 @@ class MilModel:
             result: Any = self.states[op.inputs["input"].name]
         elif op.op_type == "coreml_update_state":
             state = op.inputs["state"].name
-            self.states[state] = np.asarray(args["value"]).astype(self.states[state].dtype)
+            self.states[state] = np.asarray(args["value"]).astype(self.states[state].dtype, copy=False)
             result = self.states[state]
         else:
+            if id(op) in self.program.in_place:
+                args["in_place"] = True
             try:
                 result = OPS[op.op_type](**args)
             except RuntimeFailure:
@@ -321,10 +347,14 @@ class MilModel:
                 raise RuntimeFailure(f"MIL evaluator: {op.op_type} {out.name!r} failed: {exc}") from exc
         dtype = _np_dtype(out)
         result = np.asarray(result)
+        if result.base is not None and op.op_type != "coreml_update_state":
+            result = result.copy()  # no views escape: an in-place cache update must not change them
         if dtype is not None and result.dtype != dtype:
             result = result.astype(dtype)
         if op.op_type == "constexpr_blockwise_shift_scale":
-            self._weights[out.name] = result  # dequantize each weight once, as Core ML does at load
+            # dequantized once (rounded to the program's dtype), as Core ML does at load
+            result = result.astype(np.float32)
+            self._weights[out.name] = result
         env[out.name] = result
 
 

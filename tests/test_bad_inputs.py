@@ -213,6 +213,8 @@ def test_sigint_mid_export_leaves_nothing(gguf_path, tmp_path):
         [sys.executable, "-m", "llamaship.cli", "export", "--model", str(gguf_path), "--out",
          str(outdir / "bundle"), "--no-validate", "--max-context", "128"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a test run started in the background (nohup, `&`) ignores SIGINT, and exec inherits that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 240
     while time.time() < deadline and not any(".partial-" in p.name for p in outdir.iterdir()):
