@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", action="append", choices=["executorch", "onnx", "coreml"],
                     help="artifact format(s), repeatable: executorch (.pte, XNNPACK), onnx "
                     "(onnxruntime-genai folder: model.onnx + external data + genai_config.json), coreml "
-                    "(stateful .mlpackage, iOS 18 / macOS 15, int4 per-block weights, fp16 compute; "
+                    "(stateful .mlpackage, iOS 18 / macOS 15, int4 per-block weights with a zero point, fp16 compute; "
                     "validated on Linux by the MIL reference evaluator); default: every format the "
                     "--target profiles list (x86_emulator: executorch + onnx; apple: coreml + executorch)")
     ex.add_argument("--quant", choices=["8da4w", "8da8w", "fp32"], default="8da4w",

@@ -158,9 +158,8 @@ def export_bundle(
             cache = f"float16 [{spec.n_layers}, {spec.n_kv_heads}, {max_context}, {spec.head_dim}]"
             artifacts.append({
                 "format": "coreml", "path": COREML_PACKAGE,
-                "scheme": (f"w4-g{scheme.group_size}{'' if scheme.symmetric else '-asym'}-"
-                           f"emb{res['quantization']['embedding_bits']}-head{scheme.lm_head_bits}-fp16"
-                           if scheme else "fp16"),
+                "scheme": (f"w4-g{scheme.group_size}-asym-emb{res['quantization']['embedding_bits']}-"
+                           f"head{scheme.lm_head_bits}-fp16" if scheme else "fp16"),
                 "backend": f"Core ML ML program ({MIN_TARGET}+ / macOS 15+, fp16 compute)",
                 "max_context": max_context, "max_seq_len": cm_seq,
                 "inputs": {"input_ids": f"int32 [1, T], 1 <= T <= {cm_seq}",
