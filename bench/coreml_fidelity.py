@@ -6,7 +6,9 @@ KLD / top-1 / PPL on the WikiText-2 slice `llamaship export` uses.
     python bench/coreml_fidelity.py [--eval-tokens 1024] [--bundle DIR] [--out bench/results/coreml_fidelity.json]
 
 The evaluator runs ~0.1 s per token here, so the default slice is 1024 tokens; `--bundle` scores the
-bundle's .pte and ONNX folder on the same slice, side by side.
+bundle's .pte and ONNX folder on the same slice, side by side. The ExecuTorch Core ML-delegate .pte
+rows run the Core ML program extracted from the .pte. `--only NAME` (repeatable) picks programs and
+`--merge` keeps the other rows already in the results file.
 """
 
 from __future__ import annotations
@@ -22,11 +24,20 @@ import torch
 
 from llamaship.export.checkpoint import load_checkpoint
 from llamaship.export.coreml import export_coreml
+from llamaship.export.executorch_coreml import export_pte_coreml
 from llamaship.export.model import build_model
 from llamaship.pipeline import default_model
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.targets import accuracy
-from llamaship.targets.coreml_runtime import CoreMLModule
+from llamaship.targets.coreml_runtime import CoreMLModule, CoreMLPteModule
+
+VARIANTS = {  # name: (container, scheme)
+    "fp16": ("mlpackage", None),
+    "int4 g32 asymmetric": ("mlpackage", QuantScheme(symmetric=False)),
+    "int4 g32 symmetric": ("mlpackage", QuantScheme()),
+    "ExecuTorch Core ML delegate fp16": ("pte", None),
+    "ExecuTorch Core ML delegate int4 g32 (emb4, head8)": ("pte", QuantScheme()),
+}
 
 
 def package_bytes(p: Path) -> int:
@@ -38,6 +49,8 @@ def main() -> int:
     ap.add_argument("--eval-tokens", type=int, default=1024, help="accuracy slice (0: logits only)")
     ap.add_argument("--bundle", help="also score this bundle's model.pte and onnx/ on the same slice")
     ap.add_argument("--out", default="bench/results/coreml_fidelity.json", help="JSON results file")
+    ap.add_argument("--only", action="append", choices=list(VARIANTS), help="programs to build (default: all)")
+    ap.add_argument("--merge", action="store_true", help="keep the results file's other rows")
     args = ap.parse_args()
     ckpt = load_checkpoint(default_model(), progress=lambda s: None)
     tok = ckpt.tokenizer
@@ -58,15 +71,16 @@ def main() -> int:
         del full
     rows = {}
     with tempfile.TemporaryDirectory(prefix="llamaship-coreml-") as work:
-        for name, scheme in (("fp16", None), ("int4 g32 asymmetric", QuantScheme(symmetric=False)),
-                             ("int4 g32 symmetric", QuantScheme())):
-            pkg = Path(work) / f"{name.replace(' ', '_')}.mlpackage"
+        for name in args.only or list(VARIANTS):
+            container, scheme = VARIANTS[name]
+            pkg = Path(work) / f"variant{list(VARIANTS).index(name)}.{container}"
             t = time.perf_counter()
-            res = export_coreml(ckpt.spec, ckpt.state, scheme, pkg, max_context=512, max_seq_len=128,
-                                progress=print)
-            row = {"export_s": round(time.perf_counter() - t, 1), "size_mb": round(package_bytes(pkg) / 1e6, 1),
+            export = export_coreml if container == "mlpackage" else export_pte_coreml
+            res = export(ckpt.spec, ckpt.state, scheme, pkg, max_context=512, max_seq_len=128, progress=print)
+            size = package_bytes(pkg) if pkg.is_dir() else pkg.stat().st_size
+            row = {"export_s": round(time.perf_counter() - t, 1), "size_mb": round(size / 1e6, 1),
                    "timings": {k: round(v, 1) for k, v in res["timings"].items()}}
-            module = CoreMLModule(pkg)
+            module = CoreMLModule(pkg) if container == "mlpackage" else CoreMLPteModule(pkg)
             # the fp32 module's greedy path, teacher-forced: same inputs for both
             got = [module.forward(prompt, 0)]
             for i, tid in enumerate(greedy[:-1]):
@@ -111,6 +125,8 @@ def main() -> int:
                               "kld": round(acc.mean_kld, 4), "top1": round(acc.top1_agreement, 3)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and out.exists():
+        rows = json.loads(out.read_text())["rows"] | rows
     out.write_text(json.dumps({"model": ckpt.spec.name, "prompt": "The capital of France is",
                                "eval_tokens": args.eval_tokens, "rows": rows}, indent=1) + "\n")
     print("| program | size MB | min cosine vs fp32 (centred) | max abs Δ (logit range) | greedy agrees | PPL | KLD "

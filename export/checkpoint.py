@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,7 @@ from llamaship.export.tokenizer import Tokenizer
 @dataclass
 class Checkpoint:
     spec: ModelSpec
-    state: dict[str, torch.Tensor]
+    state: Mapping[str, torch.Tensor]  # a LazyState for HF and Meta checkpoints
     tokenizer: Tokenizer
     source: Path
     layout: str  # "hf" | "meta" | "gguf"
@@ -51,7 +51,7 @@ def permute_meta_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, head_dim // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
-def check_state(spec: ModelSpec, state: dict[str, torch.Tensor], source: Path) -> None:
+def check_state(spec: ModelSpec, state: Mapping[str, torch.Tensor], source: Path) -> None:
     """Shape and finiteness checks, so a mismatch names the tensor instead of failing deep in
     load_state_dict or, worse, exporting garbage."""
     expected = spec.expected_shapes()
@@ -61,13 +61,17 @@ def check_state(spec: ModelSpec, state: dict[str, torch.Tensor], source: Path) -
             f"{source}: checkpoint lacks {len(missing)} weight(s) the config calls for, "
             f"e.g. {missing[:3]}; the config and the weights do not belong together"
         )
+    from llamaship.export.lazy_state import LazyState, shape_of
+
     for name, shape in expected.items():
-        got = tuple(state[name].shape)
+        got = shape_of(state, name)
         if got != shape:
             raise CheckpointError(
                 f"{source}: weight {name} has shape {list(got)} but the config implies "
                 f"{list(shape)}; check that the config file matches these weights"
             )
+    if isinstance(state, LazyState):
+        return  # it checks each tensor for NaN/Inf as the model is built from it
     for name, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(

@@ -93,7 +93,8 @@ def causal_mask(past: int, seqlen: int, dtype: Any = np.float32) -> np.ndarray:
     """The mask an app feeds: query i (absolute past + i) attends to key slots j <= past + i."""
     q = np.arange(seqlen)[:, None] + past
     k = np.arange(past + seqlen)[None, :]
-    return np.where(k <= q, 0.0, MASK_MIN).astype(dtype)[None, None]
+    # reshape, not [None, None]: the latter gives size-1 dims stride 0, which ExecuTorch rejects
+    return np.where(k <= q, 0.0, MASK_MIN).astype(dtype).reshape(1, 1, seqlen, past + seqlen)
 
 
 def convert(

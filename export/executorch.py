@@ -75,13 +75,15 @@ def export_pte(
     max_seq_len = min(max_seq_len or max_context, max_context)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    model: Llama = build_model(spec, state, max_context=max_context, impl="executorch",
-                               full_logits=full_logits)
+    on_loaded = None
     if scheme is not None:
-        progress(f"quantizing {scheme.name} with torchao")
-        from llamaship.quantize.torchao_quant import quantize_for_executorch
+        from llamaship.quantize.torchao_quant import group_quantizer
 
-        quantize_for_executorch(model, scheme)
+        scheme.check_fits(spec)
+        progress(f"loading and quantizing {scheme.name} with torchao, block by block")
+        on_loaded = group_quantizer(scheme)
+    model: Llama = build_model(spec, state, max_context=max_context, impl="executorch",
+                               full_logits=full_logits, on_loaded=on_loaded)
     timings["quantize_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from llamaship.errors import CheckpointError, UnsupportedError
 from llamaship.export.checkpoint import Checkpoint, config_errors, read_json
+from llamaship.export.lazy_state import LazyState, read_safetensors_lazy
 from llamaship.export.spec import ModelSpec, RopeScaling
 from llamaship.export.tokenizer import load_tokenizer
 
@@ -117,22 +116,10 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_safetensors(files: list[Path], rename) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
-    from safetensors import SafetensorError, safe_open
-
-    state: dict[str, torch.Tensor] = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    ours = rename(key)
-                    if ours is not None:
-                        state[ours] = f.get_tensor(key)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(
-                f"{path}: cannot read safetensors file ({exc}); it is truncated or corrupt: "
-                "download or convert it again"
-            ) from exc
+def read_safetensors(files: list[Path], rename) -> LazyState:  # type: ignore[no-untyped-def]
+    """Tensors are read when the model is built, one at a time (see export/lazy_state.py)."""
+    state = LazyState(files[0].parent)
+    read_safetensors_lazy(files, rename, state)
     return state
 
 

@@ -12,6 +12,7 @@ import torch
 
 from llamaship.errors import CheckpointError, UnsupportedError
 from llamaship.export.checkpoint import Checkpoint, check_state, config_errors, permute_meta_to_half, read_json
+from llamaship.export.lazy_state import LazyState
 from llamaship.export.spec import ModelSpec, RopeScaling
 from llamaship.export.tokenizer import load_tokenizer_model
 
@@ -94,13 +95,15 @@ def load_meta(folder: Path) -> Checkpoint:
     raw.pop("rope.freqs", None)
     if "output.weight" not in raw:
         spec = spec.replace(tied_embeddings=True)
-    check_state(spec, raw, shards[0])  # before the q/k reshuffle, which assumes the shapes
-    state: dict[str, torch.Tensor] = {}
+    # the .pth is memory-mapped; each tensor is reordered (q/k) and converted only when the model
+    # is built from it, so an 8B checkpoint is never held in RAM whole
+    state = LazyState(shards[0])
     for key, tensor in raw.items():
+        state.add(key, lambda t=tensor: t, tuple(tensor.shape))
         if key.endswith("attention.wq.weight"):
-            tensor = permute_meta_to_half(tensor, spec.n_heads)
+            state.map(key, lambda t, h=spec.n_heads: permute_meta_to_half(t, h))
         elif key.endswith("attention.wk.weight"):
-            tensor = permute_meta_to_half(tensor, spec.n_kv_heads)
-        state[key] = tensor
+            state.map(key, lambda t, h=spec.n_kv_heads: permute_meta_to_half(t, h))
+    check_state(spec, state, shards[0])  # shapes now; NaN/Inf per tensor as it is read
     spec = tokenizer.complete_spec(spec)
     return Checkpoint(spec, state, tokenizer, folder, "meta", [params_path, shards[0]])

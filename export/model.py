@@ -15,6 +15,7 @@ with the same cache layout [1, max_context, n_kv_heads, head_dim]:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -180,20 +181,36 @@ class Llama(nn.Module):
             layer.attention.k_cache.zero_()
             layer.attention.v_cache.zero_()
 
-    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a loader's state dict; tied models get an untied copy of the embedding as
-        `output.weight` so each can be quantized the way its op needs."""
-        state = dict(state)
-        if "output.weight" not in state:
-            state["output.weight"] = state["tok_embeddings.weight"]
-        state = {k: v.to(torch.float32) for k, v in state.items()}
-        missing, unexpected = self.load_state_dict(state, strict=False, assign=True)
-        if missing or unexpected:
-            raise KeyError(f"missing weights {missing[:5]}, unexpected {unexpected[:5]}")
-        if self.output.weight is self.tok_embeddings.weight or (
-            self.output.weight.data_ptr() == self.tok_embeddings.weight.data_ptr()
-        ):
-            self.output.weight = nn.Parameter(self.tok_embeddings.weight.detach().clone())
+    def load_weights(self, state: Mapping[str, torch.Tensor],
+                     on_loaded: Callable[[Llama, str], None] | None = None) -> None:
+        """Load a loader's state dict group by group (embedding, each block, norm, lm_head), each
+        converted to fp32 only when its turn comes; `on_loaded(model, prefix)` runs after each group,
+        so a quantizer can shrink it before the next is read. That keeps an 8B export to the
+        quantized model plus one fp32 block instead of 32 GB of fp32 weights. Tied models get an
+        untied copy of the embedding as `output.weight` so each can be quantized the way its op needs."""
+        prefixes = ["tok_embeddings", *(f"layers.{i}" for i in range(len(self.layers))), "norm", "output"]
+        expected = [k for k in state if k != "output.weight"] + ["output.weight"]
+        unexpected = [k for k in expected if not any(k.startswith(p + ".") for p in prefixes)]
+        if unexpected:
+            raise KeyError(f"unexpected weights {unexpected[:5]}")
+        for prefix in prefixes:
+            module = self.get_submodule(prefix)
+            names = [n for n, _ in module.named_parameters()]
+            group = {}
+            for n in names:
+                key = f"{prefix}.{n}"
+                if key == "output.weight" and key not in state:
+                    key = "tok_embeddings.weight"
+                if key not in state:
+                    raise KeyError(f"missing weight {prefix}.{n}")
+                tensor = state[key].to(torch.float32)
+                if prefix == "output" and key == "tok_embeddings.weight":
+                    tensor = tensor.clone()  # never the embedding's own storage
+                group[n] = tensor
+            module.load_state_dict(group, strict=False, assign=True)
+            del group
+            if on_loaded is not None:
+                on_loaded(self, prefix)
 
 
 def _position_tables(spec: ModelSpec, max_context: int) -> tuple[torch.Tensor, ...]:
@@ -204,18 +221,20 @@ def _position_tables(spec: ModelSpec, max_context: int) -> tuple[torch.Tensor, .
 
 def build_model(
     spec: ModelSpec,
-    state: dict[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
     max_context: int | None = None,
     impl: str = "torch",
     full_logits: bool = False,
+    on_loaded: Callable[[Llama, str], None] | None = None,
 ) -> Llama:
-    """Build on the meta device first so a large model is never allocated twice."""
+    """Build on the meta device: parameters come into existence only as `load_weights` reads
+    them (so a large model is never allocated twice); buffers are made here."""
     with torch.device("meta"):
         model = Llama(spec, max_context=max_context, impl=impl, full_logits=full_logits)
-    model = model.to_empty(device="cpu")
     model.rope_cos, model.rope_sin = _position_tables(spec, model.max_context)
     for layer in model.layers:
-        layer.attention.k_cache.zero_()
-        layer.attention.v_cache.zero_()
-    model.load_weights(state)
+        att = layer.attention
+        att.k_cache = torch.zeros(att.k_cache.shape, dtype=att.k_cache.dtype)
+        att.v_cache = torch.zeros(att.v_cache.shape, dtype=att.v_cache.dtype)
+    model.load_weights(state, on_loaded)
     return model.eval()

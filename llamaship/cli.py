@@ -193,18 +193,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if piece not in stop_texts:
             print(piece, end="", flush=True)
 
-    if fmt == "coreml":
+    if fmt in ("coreml", "executorch_coreml"):
         from llamaship.export.tokenizer import load_tokenizer_json, load_tokenizer_model
-        from llamaship.targets.coreml_runtime import CoreMLModule, generate_ids, runtime_name
+        from llamaship.targets.coreml_runtime import generate_ids, load_module, runtime_name
 
         if args.temperature != 0.0:
-            raise UnsupportedError("--temperature is not supported for coreml yet (greedy only)")
+            raise UnsupportedError(f"--temperature is not supported for {fmt} yet (greedy only)")
         tok_path = bundle / tok["path"]
         tokenizer = (load_tokenizer_json(tok_path, {}) if tok_path.suffix == ".json"
                      else load_tokenizer_model(tok_path))
         ids = ([tok["bos_id"]] if num_bos else []) + tokenizer.encode(prompt, bos=False, special=True)
         stop_ids = tuple(tok.get("stop_ids") or [])
-        _, st = generate_ids(CoreMLModule(model_path), ids, args.max_new_tokens, stop_ids,
+        _, st = generate_ids(load_module(model_path, fmt), ids, args.max_new_tokens, stop_ids,
                              on_token=lambda t: None if t in stop_ids else show(tokenizer.decode([t])))
         runtime = runtime_name()
     elif fmt == "onnx":
@@ -294,11 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "consolidated.00.pth), .gguf file, or Hub id; default: the embedded "
                     "SmolLM2-135M-Instruct GGUF")
     ex.add_argument("--out", required=True, help="bundle folder to create (must not exist)")
-    ex.add_argument("--format", action="append", choices=["executorch", "onnx", "coreml"],
+    ex.add_argument("--format", action="append", choices=["executorch", "onnx", "coreml", "executorch_coreml"],
                     help="artifact format(s), repeatable: executorch (.pte, XNNPACK), onnx "
                     "(onnxruntime-genai folder: model.onnx + external data + genai_config.json), coreml "
                     "(stateful .mlpackage, iOS 18 / macOS 15, int4 per-block weights with a zero point, fp16 compute; "
-                    "validated on Linux by the MIL reference evaluator); default: every format the "
+                    "validated on Linux by the MIL reference evaluator), executorch_coreml (model_coreml.pte: "
+                    "the ExecuTorch Core ML delegate, one Core ML program with the KV cache as state, driven "
+                    "like the XNNPACK .pte; int4 weight-only groups, fp16; needs an ExecuTorch build with "
+                    "Core ML state support; validated through its extracted program); default: every format the "
                     "--target profiles list (x86_emulator: executorch + onnx; apple: coreml + executorch)")
     ex.add_argument("--quant", choices=["8da4w", "8da8w", "fp32"], default="8da4w",
                     help="linear layers: int8 dynamic activations x int4 (default) or int8 "
@@ -352,10 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="wrap the prompt in the model's chat template as a user turn")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--format", choices=["executorch", "onnx", "coreml"], default=None,
+    gen.add_argument("--format", choices=["executorch", "onnx", "coreml", "executorch_coreml"], default=None,
                      help="which artifact to run (default: the bundle's first): executorch runs the .pte "
                      "on ExecuTorch's C++ runner, onnx the ONNX folder on onnxruntime-genai, coreml the "
-                     ".mlpackage on Core ML (macOS) or the NumPy MIL reference evaluator (slow; elsewhere)")
+                     ".mlpackage on Core ML (macOS) or the NumPy MIL reference evaluator (slow; elsewhere), "
+                     "executorch_coreml the Core ML program inside model_coreml.pte the same way")
     gen.add_argument("--json", action="store_true", help="print stats as one JSON line")
     gen.add_argument("--no-verify", action="store_true",
                      help="skip re-checking every file's sha256 before loading (faster on multi-GB bundles)")

@@ -18,9 +18,10 @@ from llamaship.quantize.scheme import QuantScheme
 from llamaship.targets.speed import peak_rss_mb
 
 SMOKE_PROMPT = "The capital of France is"
-FORMATS = ("executorch", "onnx", "coreml")
+FORMATS = ("executorch", "onnx", "coreml", "executorch_coreml")
 ONNX_DIR = "onnx"
 COREML_PACKAGE = "model.mlpackage"
+COREML_PTE = "model_coreml.pte"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -171,6 +172,30 @@ def export_bundle(
                          "prompt (T tokens, past 0), then one token at a time (T = 1, past grows by T)",
                 "quantization": res["quantization"],
             })
+        if "executorch_coreml" in formats:
+            from llamaship.export.coreml import MIN_TARGET
+            from llamaship.export.executorch_coreml import export_pte_coreml
+            from llamaship.export.executorch_coreml import scheme_name as cm_scheme_name
+
+            cm_seq = min(max_seq_len, max_context - 1)
+            res = export_pte_coreml(spec, ckpt.state, scheme, tmp / COREML_PTE, max_context=max_context,
+                                    max_seq_len=cm_seq, progress=progress)
+            timings |= {f"executorch_coreml_{k}": round(v, 2) for k, v in res["timings"].items()}
+            cache = f"float16 [{spec.n_layers}, {spec.n_kv_heads}, {max_context}, {spec.head_dim}]"
+            artifacts.append({
+                "format": "executorch_coreml", "path": COREML_PTE, "scheme": cm_scheme_name(scheme),
+                "backend": f"ExecuTorch Core ML delegate (one Core ML program, {MIN_TARGET}+ / macOS 15+, "
+                           "fp16 compute)",
+                "max_context": max_context, "max_seq_len": cm_seq, "full_logits": False,
+                "inputs": {"tokens": f"int64 [1, T], 1 <= T <= {cm_seq}",
+                           "input_pos": "int64 [T] (start, start + 1, ...)"},
+                "states": {"k_cache": cache, "v_cache": cache},
+                "outputs": {"logits": "float16 [1, vocab] (last position)"},
+                "usage": "ExecuTorch Module / LLM runner with the Core ML backend linked; the KV cache lives in "
+                         "the delegate as Core ML state, so the runtime must be built with Core ML state "
+                         "support (pytorch/executorch issue 21855: the pip macOS pybind runtime is not)",
+                "quantization": res["quantization"],
+            })
         tok_file = ckpt.tokenizer.write_runner_file(tmp)
         smoke: dict[str, Any] | None = None
         if smoke_prompt:
@@ -212,9 +237,10 @@ def check_formats(formats: tuple[str, ...], scheme: QuantScheme | None, onnx_acc
             "asymmetric 4-bit weights are not supported for ExecuTorch/XNNPACK (the lowered program "
             "computed wrong logits on a test model); use symmetric groups, or --format onnx alone"
         )
-    if "coreml" in formats and scheme is not None and scheme.bits != 4:
-        raise UnsupportedError(f"--format coreml stores 4-bit per-block weights; {scheme.name} is not "
-                               "supported (use --quant 8da4w or fp32)")
+    for fmt in ("coreml", "executorch_coreml"):
+        if fmt in formats and scheme is not None and scheme.bits != 4:
+            raise UnsupportedError(f"--format {fmt} stores 4-bit per-block weights; {scheme.name} is not "
+                                   "supported (use --quant 8da4w or fp32)")
     if "onnx" in formats:
         from llamaship.export.onnx import builder_options
 
@@ -233,12 +259,12 @@ def smoke_test(art: dict[str, Any], folder: Path, tok_file: Path, ckpt: Any, pro
                        num_bos=1 if spec.add_bos and spec.bos_id is not None else 0)
         return {"runtime": "executorch TextLLMRunner (x86_64 host)", "prompt": prompt,
                 "text": gen.text, "stats": gen.stats}
-    if art["format"] == "coreml":
-        from llamaship.targets.coreml_runtime import CoreMLModule, generate_ids, runtime_name
+    if art["format"] in ("coreml", "executorch_coreml"):
+        from llamaship.targets.coreml_runtime import generate_ids, load_module, runtime_name
 
-        progress(f"smoke test: {runtime_name()}, prompt {prompt!r}")
+        progress(f"smoke test of {art['path']}: {runtime_name()}, prompt {prompt!r}")
         ids = ckpt.tokenizer.encode(prompt)
-        new, stats = generate_ids(CoreMLModule(folder / art["path"]), ids, n_tokens, spec.stop_ids)
+        new, stats = generate_ids(load_module(folder / art["path"], art["format"]), ids, n_tokens, spec.stop_ids)
         return {"runtime": runtime_name(), "prompt": prompt, "text": ckpt.tokenizer.decode(new), "stats": stats}
     from llamaship.targets.onnx_runtime import generate_text
 

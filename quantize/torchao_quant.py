@@ -11,8 +11,9 @@ from llamaship.export.model import Llama
 from llamaship.quantize.scheme import QuantScheme
 
 
-@torch.no_grad()
-def quantize_for_executorch(model: Llama, scheme: QuantScheme) -> Llama:
+def group_quantizer(scheme: QuantScheme):  # type: ignore[no-untyped-def]
+    """`on_loaded(model, prefix)` for `Llama.load_weights`: quantize one group (the embedding, a
+    block, the lm_head) as soon as it is loaded, so the fp32 copy of only that group is alive."""
     from torchao.quantization import (
         Int8DynamicActivationIntxWeightConfig,
         IntxWeightOnlyConfig,
@@ -21,7 +22,6 @@ def quantize_for_executorch(model: Llama, scheme: QuantScheme) -> Llama:
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quant_primitives import MappingType
 
-    scheme.check_fits(model.spec)
     mapping = None if scheme.symmetric else MappingType.ASYMMETRIC
 
     def linear_config(bits: int):  # type: ignore[no-untyped-def]
@@ -36,15 +36,28 @@ def quantize_for_executorch(model: Llama, scheme: QuantScheme) -> Llama:
         kw = {"mapping_type": mapping} if mapping else {}
         return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity, **kw)
 
-    quantize_(model, linear_config(scheme.bits),
-              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn != "output")
-    if scheme.lm_head_bits:
-        quantize_(model, linear_config(scheme.lm_head_bits), filter_fn=lambda m, fqn: fqn == "output")
-    if scheme.embedding_bits:
-        emb_dtype = torch.int4 if scheme.embedding_bits == 4 else torch.int8
-        quantize_(
-            model,
-            IntxWeightOnlyConfig(weight_dtype=emb_dtype, granularity=PerGroup(scheme.group_size)),
-            filter_fn=lambda m, fqn: isinstance(m, nn.Embedding),
-        )
+    @torch.no_grad()
+    def on_loaded(model: Llama, prefix: str) -> None:
+        if prefix == "output":
+            if scheme.lm_head_bits:
+                quantize_(model, linear_config(scheme.lm_head_bits), filter_fn=lambda m, fqn: fqn == "output")
+        elif prefix == "tok_embeddings":
+            if scheme.embedding_bits:
+                emb_dtype = torch.int4 if scheme.embedding_bits == 4 else torch.int8
+                quantize_(model, IntxWeightOnlyConfig(weight_dtype=emb_dtype, granularity=PerGroup(scheme.group_size)),
+                          filter_fn=lambda m, fqn: fqn == "tok_embeddings")
+        elif prefix.startswith("layers."):
+            quantize_(model, linear_config(scheme.bits),
+                      filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn.startswith(prefix + "."))
+
+    return on_loaded
+
+
+@torch.no_grad()
+def quantize_for_executorch(model: Llama, scheme: QuantScheme) -> Llama:
+    """Quantize an already built model (every group); exports build with `group_quantizer` instead."""
+    scheme.check_fits(model.spec)
+    on_loaded = group_quantizer(scheme)
+    for prefix in ["tok_embeddings", *(f"layers.{i}" for i in range(len(model.layers))), "norm", "output"]:
+        on_loaded(model, prefix)
     return model

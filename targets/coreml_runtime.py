@@ -5,6 +5,7 @@ the other formats' modules have, so accuracy and smoke tests are one code path."
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,7 @@ class CoreMLModule:
             import coremltools as ct
 
             try:
-                self._mlmodel = ct.models.MLModel(str(package))
+                self._mlmodel = ct.models.MLModel(str(self.package))
                 self._state = self._mlmodel.make_state()
             except Exception as exc:
                 raise RuntimeFailure(f"{package}: Core ML could not load it ({exc})") from exc
@@ -52,14 +53,40 @@ class CoreMLModule:
         else:
             self._eval.reset_state()
 
+    def inputs(self, tokens: list[int], start_pos: int) -> dict[str, np.ndarray]:
+        return {"input_ids": np.asarray([tokens], dtype=np.int32),
+                "causal_mask": causal_mask(start_pos, len(tokens), np.float16)}
+
     def forward(self, tokens: list[int], start_pos: int) -> torch.Tensor:
-        inputs = {"input_ids": np.asarray([tokens], dtype=np.int32),
-                  "causal_mask": causal_mask(start_pos, len(tokens), np.float16)}
+        inputs = self.inputs(tokens, start_pos)
         if self._mlmodel is not None:  # pragma: no cover
-            out = self._mlmodel.predict(inputs, state=self._state)["logits"]
+            outs = self._mlmodel.predict(inputs, state=self._state)
         else:
-            out = self._eval.predict(inputs)["logits"]
+            outs = self._eval.predict(inputs)
+        (out,) = outs.values()  # one output: "logits" here, an ExecuTorch-given name in a delegate
         return torch.from_numpy(np.asarray(out, dtype=np.float32).reshape(1, -1))
+
+
+class CoreMLPteModule(CoreMLModule):
+    """The Core ML program inside an ExecuTorch Core ML-delegate .pte, run with the runner's
+    inputs (`tokens`, `input_pos`). It is extracted from the .pte (a temporary folder that lives
+    as long as this object) and executed like a .mlpackage: ExecuTorch's Core ML backend runs
+    only on Apple platforms, and there it hands the same program to Core ML."""
+
+    def __init__(self, pte: Path) -> None:
+        from llamaship.export.executorch_coreml import extract_program
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="llamaship-cm-")
+        super().__init__(extract_program(Path(pte), Path(self._tmp.name)))
+
+    def inputs(self, tokens: list[int], start_pos: int) -> dict[str, np.ndarray]:
+        return {"tokens": np.asarray([tokens], dtype=np.int32),
+                "input_pos": np.arange(start_pos, start_pos + len(tokens), dtype=np.int32)}
+
+
+def load_module(path: Path, fmt: str) -> CoreMLModule:
+    """`fmt` "coreml" (a .mlpackage) or "executorch_coreml" (a Core ML-delegate .pte)."""
+    return CoreMLPteModule(path) if fmt == "executorch_coreml" else CoreMLModule(path)
 
 
 def generate_ids(module: CoreMLModule, prompt_ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...],

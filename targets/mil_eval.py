@@ -58,15 +58,16 @@ def _slice_by_index(x: Array, begin: Array, end: Array, stride: Array | None = N
     stride = np.ones(rank, int) if stride is None else stride
     begin_mask = np.zeros(rank, bool) if begin_mask is None else begin_mask
     end_mask = np.zeros(rank, bool) if end_mask is None else end_mask
-    index = []
+    squeeze_mask = np.zeros(rank, bool) if squeeze_mask is None else squeeze_mask
+    index: list[int | slice] = []
     for i in range(rank):
+        if squeeze_mask[i]:  # MIL: a squeezed axis takes element `begin`; end and stride are ignored
+            index.append(int(begin[i]))
+            continue
         b = None if begin_mask[i] else int(begin[i])
         e = None if end_mask[i] else int(end[i])
         index.append(slice(b, e, int(stride[i])))
-    out = x[tuple(index)]
-    if squeeze_mask is not None and np.any(squeeze_mask):
-        out = out.reshape([d for d, sq in zip(out.shape, squeeze_mask, strict=True) if not sq])
-    return out
+    return x[tuple(index)]
 
 
 def _slice_update(x: Array, update: Array, begin: Array, end: Array, stride: Array | None = None,
@@ -196,6 +197,8 @@ OPS: dict[str, Callable[..., Any]] = {
     "pow": lambda x, y: np.power(_f32(x), _f32(y)),
     "sqrt": lambda x: np.sqrt(_f32(x)),
     "abs": lambda x: np.abs(x),
+    "minimum": lambda x, y: np.minimum(x, y),
+    "maximum": lambda x, y: np.maximum(x, y),
     "clip": lambda x, alpha, beta: np.clip(_f32(x), float(alpha), float(beta)),
     "inverse": lambda x, epsilon=1e-4: 1.0 / (_f32(x) + float(epsilon)),  # MIL's default epsilon
     "rsqrt": _rsqrt,

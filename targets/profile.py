@@ -21,7 +21,7 @@ BUILTIN = ("x86_emulator", "qualcomm", "apple")
 class Profile:
     name: str
     device: str
-    formats: tuple[str, ...]
+    formats: tuple[str, ...]  # what an export for this profile ships by default
     measured_here: bool
     ram_gb: float
     ram_budget_gb: float
@@ -33,6 +33,10 @@ class Profile:
     eval_window: int = 512
     extra: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    also_validates: tuple[str, ...] = ()  # opt-in formats (--format) gated by this profile when present
+
+    def gates_format(self, fmt: str) -> bool:
+        return fmt in self.formats or fmt in self.also_validates
 
 
 def load_profile(name_or_path: str) -> Profile:
@@ -65,6 +69,7 @@ def load_profile(name_or_path: str) -> Profile:
             eval_window=int(data.get("eval", {}).get("window", 512)),
             extra={k: v for k, v in data.items() if k in ("soc_model", "htp_arch")},
             source=str(path),
+            also_validates=tuple(data.get("also_validates", [])),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise UnsupportedError(f"{path}: profile is missing or has a bad field ({exc})") from exc

@@ -22,7 +22,10 @@ SPEED_GEN_TOKENS = 128
 
 
 RUNTIMES = {"executorch": "ExecuTorch's runtime", "onnx": "onnxruntime (CPU EP)",
-            "coreml": "Core ML on macOS, else the MIL reference evaluator (NumPy)"}
+            "coreml": "Core ML on macOS, else the MIL reference evaluator (NumPy)",
+            "executorch_coreml": "its Core ML program (extracted from the .pte) on Core ML on macOS, else "
+                                 "the MIL reference evaluator (NumPy)"}
+APPLE_ONLY = ("coreml", "executorch_coreml")
 
 
 def artifact_bytes(folder: Path, art: dict[str, Any]) -> int:
@@ -38,10 +41,10 @@ def artifact_bytes(folder: Path, art: dict[str, Any]) -> int:
 
 
 def _load_module(folder: Path, art: dict[str, Any]) -> Any:
-    if art["format"] == "coreml":
-        from llamaship.targets.coreml_runtime import CoreMLModule
+    if art["format"] in APPLE_ONLY:
+        from llamaship.targets.coreml_runtime import load_module
 
-        return CoreMLModule(folder / art["path"])
+        return load_module(folder / art["path"], art["format"])
     if art["format"] == "onnx":
         from llamaship.targets.onnx_runtime import OnnxModule
 
@@ -125,8 +128,8 @@ def validate(
         acc = accuracy.evaluate_stepwise(module.forward, eval_slice, reference, progress).to_json()
         del module
         speed = None
-        if art["format"] == "coreml":
-            progress("speed of the Core ML artifact: not measured (no Apple hardware here); the Apple "
+        if art["format"] in APPLE_ONLY:
+            progress(f"speed of {art['path']}: not measured (no Apple hardware here); the Apple "
                      "profile reports the bandwidth roofline")
         elif measure_speed and any(p.measured_here for p in profiles):
             # 128 + 128 tokens, or what the artifact's context allows
@@ -143,7 +146,7 @@ def validate(
     for profile in profiles:
         fit = predict_fit(spec, scheme, profile)
         for res in results:
-            if res["format"] not in profile.formats:
+            if not profile.gates_format(res["format"]):
                 continue
             measured = res["speed"]["decode_tok_s"]["median"] if (res["speed"] and profile.measured_here) else None
             gates = check_gates(profile, res["accuracy"], measured, fit.decode_ceiling_tok_s, fit.fits)

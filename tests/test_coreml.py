@@ -121,6 +121,9 @@ def test_indexing_ops_match_torch():
                                 np.array([True, False, True]), np.array([True, False, True])), tx[:, 1:4, :])
     close(OPS["slice_by_index"](x, np.array([1, 0, 2]), np.array([2, 5, 8]), np.array([1, 2, 3]),
                                 None, None, np.array([True, False, False])), tx[1, 0:5:2, 2:8:3])
+    # a squeezed axis takes element `begin` and ignores end (coremltools writes end 0 there)
+    close(OPS["slice_by_index"](x[:, 0, 0], np.array([1]), np.array([0]), None, None, None, np.array([True])),
+          tx[1, 0, 0])
     upd = rand(2, 2, 8)
     want = tx.clone()
     want[:, 2:4] = torch.from_numpy(upd)
@@ -130,6 +133,9 @@ def test_indexing_ops_match_torch():
     close(OPS["gather"](table, idx, axis=0), F.embedding(torch.from_numpy(idx).long(), torch.from_numpy(table)))
     with pytest.raises(RuntimeFailure, match="out of range"):
         OPS["gather"](table, np.array([10]), axis=0)
+    y = rand(2, 5, 8)
+    close(OPS["minimum"](x, y), torch.minimum(tx, torch.from_numpy(y)))
+    close(OPS["maximum"](x, y), torch.maximum(tx, torch.from_numpy(y)))
     close(OPS["concat"]([x, x[:, :2]], axis=1), torch.cat([tx, tx[:, :2]], 1))
     close(OPS["reshape"](x, np.array([2, 0, 4, 2])), tx.reshape(2, 5, 4, 2))
     close(OPS["transpose"](x, np.array([0, 2, 1])), tx.permute(0, 2, 1))

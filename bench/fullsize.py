@@ -1,0 +1,186 @@
+"""Full-size Llama 2 7B / Llama 3 8B export on this 24 GB, 2-core machine.
+
+Writes a random-weight checkpoint with the real config and tokenizer in a real layout (Meta:
+consolidated.00.pth + params.json + tokenizer.model; Hugging Face: sharded bf16 safetensors +
+index + config.json + tokenizer.model), then runs `llamaship export` on it in a child process per
+format and group size, and records wall time, the child's peak RSS (ru_maxrss, which counts the
+pages of a memory-mapped .pth it touched), artifact size, and `llamaship fit`'s prediction.
+
+    python bench/fullsize.py --model llama3-8b --layout meta --format executorch --group-size 32
+    python bench/fullsize.py --model llama2-7b --layout hf --layers 2      # a 2-layer slice, quick
+
+Random weights: the figures are about time, memory and size, not accuracy (no validation: the
+fp32 reference of an 8B model is 32 GB). The smoke generation still runs the artifact. Results are
+appended to bench/results/fullsize.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "tests" / "data" / "configs"
+TOKENIZERS = ROOT.parent / "shared" / "data" / "tokenizers"
+MODELS = {  # name: (Meta params folder, HF config folder, tokenizer file)
+    "llama2-7b": ("llama-2-7b", "llama-2-7b-hf", "llama2-tokenizer.model"),
+    "llama3-8b": ("meta-llama-3-8b", "meta-llama-3-8b-hf", "llama3-tokenizer.model"),
+    "llama3.1-8b": ("llama-3.1-8b", "llama-3.1-8b-instruct-hf", "llama3-tokenizer.model"),
+}
+SHARD_BYTES = 5 * 1024**3  # what Hugging Face's Llama repos use
+
+
+def random_state(spec, seed: int = 0):  # type: ignore[no-untyped-def]
+    """Yield (name, bf16 tensor) in our (= Meta) naming; norms are ones, the rest N(0, 0.02)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, shape in spec.expected_shapes().items():
+        if name.endswith("norm.weight"):
+            yield name, torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            yield name, (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+
+
+def write_meta(model: str, dest: Path, layers: int | None) -> Path:
+    from llamaship.export.checkpoint import load_spec
+
+    meta_dir, _, tok = MODELS[model]
+    dest.mkdir(parents=True)
+    params = json.loads((CONFIGS / meta_dir / "params.json").read_text())
+    if layers:
+        params["n_layers"] = layers
+    (dest / "params.json").write_text(json.dumps(params))
+    shutil.copyfile(TOKENIZERS / tok, dest / "tokenizer.model")
+    spec = load_spec(dest)
+    # one dict in RAM (16 GB for 8B in bf16): torch.save writes a single zip; the loader mmaps it
+    state = dict(random_state(spec))
+    torch.save(state, dest / "consolidated.00.pth")
+    return dest
+
+
+def write_hf(model: str, dest: Path, layers: int | None) -> Path:
+    from safetensors.torch import save_file
+
+    from llamaship.export.checkpoint import load_spec
+    from llamaship.export.load_hf import hf_name
+
+    _, hf_dir, tok = MODELS[model]
+    dest.mkdir(parents=True)
+    cfg = json.loads((CONFIGS / hf_dir / "config.json").read_text())
+    if layers:
+        cfg["num_hidden_layers"] = layers
+    (dest / "config.json").write_text(json.dumps(cfg))
+    shutil.copyfile(TOKENIZERS / tok, dest / "tokenizer.model")
+    spec = load_spec(dest / "config.json")
+    shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    names: list[str] = []
+
+    def flush() -> None:
+        name = f"model-{len(names) + 1:05d}.safetensors"
+        save_file(shard, str(dest / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        names.append(name)
+        shard.clear()
+
+    size = 0
+    for name, tensor in random_state(spec):
+        if spec.tied_embeddings and name == "output.weight":
+            continue
+        shard[hf_name(name)] = tensor
+        size += tensor.numel() * 2
+        if size >= SHARD_BYTES:
+            flush()
+            size = 0
+    if shard:
+        flush()
+    total = len(names)
+    renamed = {}
+    for i, old in enumerate(names, 1):  # the real naming: model-0000i-of-0000n
+        new = f"model-{i:05d}-of-{total:05d}.safetensors"
+        (dest / old).rename(dest / new)
+        renamed[old] = new
+    index = {"metadata": {"total_size": sum((dest / n).stat().st_size for n in renamed.values())},
+             "weight_map": {k: renamed[v] for k, v in weight_map.items()}}
+    (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return dest
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=list(MODELS), default="llama3-8b")
+    ap.add_argument("--layout", choices=["meta", "hf"], default="meta")
+    ap.add_argument("--format", action="append", choices=["executorch", "onnx", "coreml", "executorch_coreml"],
+                    help="formats to export, one run each (default: executorch)")
+    ap.add_argument("--group-size", action="append", type=int, choices=[32, 64, 128, 256],
+                    help="repeatable (default: 32)")
+    ap.add_argument("--layers", type=int, default=None, help="keep only the first N blocks (a slice)")
+    ap.add_argument("--max-context", type=int, default=2048)
+    ap.add_argument("--work", default="/tmp/llamaship-fullsize", help="where checkpoints and bundles go")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoint and bundles")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "fullsize.json"))
+    args = ap.parse_args()
+    work = Path(args.work)
+    name = f"{args.model}{f'-{args.layers}l' if args.layers else ''}-{args.layout}"
+    ckpt = work / name
+    if not ckpt.exists():
+        t = time.perf_counter()
+        print(f"writing a random-weight {args.layout} checkpoint for {args.model} at {ckpt}", flush=True)
+        (write_meta if args.layout == "meta" else write_hf)(args.model, ckpt, args.layers)
+        print(f"  {folder_bytes(ckpt) / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s", flush=True)
+    rows = []
+    for fmt in args.format or ["executorch"]:
+        for group in args.group_size or [32]:
+            bundle = work / f"{name}-{fmt}-g{group}"
+            shutil.rmtree(bundle, ignore_errors=True)
+            fit = json.loads(subprocess.run(
+                [sys.executable, "-m", "llamaship.cli", "fit", "--model", str(ckpt), "--group-size", str(group),
+                 "--profile", "qualcomm", "--context", str(args.max_context), "--json"],
+                capture_output=True, text=True, check=False).stdout.splitlines()[0])
+            cmd = [sys.executable, "-m", "llamaship.cli", "export", "--model", str(ckpt), "--out", str(bundle),
+                   "--format", fmt, "--group-size", str(group), "--max-context", str(args.max_context),
+                   "--no-validate", "--ignore-fit", "--prompt", "The capital of France is"]
+            print("$", " ".join(cmd), flush=True)
+            t = time.perf_counter()
+            before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+            proc = subprocess.run(cmd, check=False)
+            wall = time.perf_counter() - t
+            peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+            row = {"model": args.model, "layers": args.layers, "layout": args.layout, "format": fmt,
+                   "group_size": group, "exit": proc.returncode, "wall_s": round(wall, 1),
+                   "peak_rss_gib": round(peak_kb / 1024**2, 2) if peak_kb > before else None,
+                   "fit_weights_gb": round(fit["weight_bytes"] / 1e9, 2),
+                   "fit": fit, "host": {"cpus": os.cpu_count(), "torch": torch.__version__}}
+            if proc.returncode == 0:
+                manifest = json.loads((bundle / "manifest.json").read_text())
+                (art,) = manifest["artifacts"]
+                path = bundle / (art.get("folder") or art["path"])
+                row |= {"artifact_gb": round(folder_bytes(path) / 1e9, 3), "stages_s": manifest["export"]["stages_s"],
+                        "export_peak_rss_mb": manifest["export"]["peak_rss_mb"],
+                        "smoke_text": (art.get("smoke_test") or {}).get("text")}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            if not args.keep:
+                shutil.rmtree(bundle, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    out = Path(args.out)
+    old = json.loads(out.read_text())["rows"] if out.exists() else []
+    out.write_text(json.dumps({"rows": old + rows}, indent=1) + "\n")
+    return 0 if all(r["exit"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
