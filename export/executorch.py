@@ -9,6 +9,7 @@ links generates from it with no extra configuration.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +17,13 @@ from typing import Any
 
 import torch
 
+from llamaship.bundle import work_dir
 from llamaship.errors import ExportError, UnsupportedError
 from llamaship.export.model import Llama, build_model
 from llamaship.export.spec import ModelSpec
 from llamaship.quantize.scheme import QuantScheme
+
+OFFLOAD_PARAMS = 1_000_000_000
 
 
 def load_custom_ops() -> None:
@@ -50,21 +54,15 @@ def export_pte(
     max_seq_len: int | None = None,
     full_logits: bool = False,
     progress: Callable[[str], None] = print,
+    offload: bool | None = None,
 ) -> dict[str, float]:
     """Write the .pte to `out_path`; returns timings per stage (seconds).
 
     `max_seq_len` bounds the tokens of one forward call (the prefill chunk the runner feeds);
-    `max_context` sizes the KV cache. `scheme=None` exports fp32 (the fidelity baseline)."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import (
-        EdgeCompileConfig,
-        ExecutorchBackendConfig,
-        to_edge_transform_and_lower,
-    )
-    from executorch.exir.passes import MemoryPlanningPass
-    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
-    from torch.export import Dim
-
+    `max_context` sizes the KV cache. `scheme=None` exports fp32 (the fidelity baseline).
+    `offload` (default: for models of 1B parameters or more) keeps the quantized values in
+    memory-mapped files beside `out_path` until the program is written (see
+    `quantize.torchao_quant.offload_qdata`); they are deleted afterwards."""
     if scheme is not None and not scheme.symmetric:
         raise UnsupportedError(
             "asymmetric 4-bit weights are not supported for ExecuTorch/XNNPACK: the lowered program "
@@ -76,15 +74,37 @@ def export_pte(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     on_loaded = None
-    if scheme is not None:
-        from llamaship.quantize.torchao_quant import group_quantizer
+    if offload is None:
+        offload = spec.param_count() >= OFFLOAD_PARAMS
+    offload_dir = work_dir(out_path.parent, "llamaship-weights") if offload else None
+    try:
+        if scheme is not None:
+            from llamaship.quantize.torchao_quant import group_quantizer
 
-        scheme.check_fits(spec)
-        progress(f"loading and quantizing {scheme.name} with torchao, block by block")
-        on_loaded = group_quantizer(scheme)
-    model: Llama = build_model(spec, state, max_context=max_context, impl="executorch",
-                               full_logits=full_logits, on_loaded=on_loaded)
-    timings["quantize_s"] = time.perf_counter() - t0
+            scheme.check_fits(spec)
+            progress(f"loading and quantizing {scheme.name} with torchao, block by block"
+                     + (f" (quantized values memory-mapped from {offload_dir})" if offload_dir else ""))
+            on_loaded = group_quantizer(scheme, offload_dir=offload_dir)
+        model: Llama = build_model(spec, state, max_context=max_context, impl="executorch",
+                                   full_logits=full_logits, on_loaded=on_loaded)
+        timings["quantize_s"] = time.perf_counter() - t0
+        return _lower(model, spec, out_path, max_context, max_seq_len, timings, progress)
+    finally:
+        if offload_dir is not None:
+            shutil.rmtree(offload_dir, ignore_errors=True)
+
+
+def _lower(model: Llama, spec: ModelSpec, out_path: Path, max_context: int, max_seq_len: int,
+           timings: dict[str, float], progress: Callable[[str], None]) -> dict[str, float]:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import (
+        EdgeCompileConfig,
+        ExecutorchBackendConfig,
+        to_edge_transform_and_lower,
+    )
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+    from torch.export import Dim
 
     t0 = time.perf_counter()
     progress("tracing with torch.export")

@@ -39,6 +39,31 @@ def _safe_relpath(name: str) -> PurePosixPath:
     return rel
 
 
+def work_dir(parent: Path, kind: str) -> Path:
+    """A hidden temp folder in `parent` named after this process (`.{kind}-{pid}-xxxx`), after
+    removing any such folder a killed process left (SIGKILL, OOM: no handler runs then)."""
+    sweep_stale(parent, kind)
+    return Path(tempfile.mkdtemp(prefix=f".{kind}-{os.getpid()}-", dir=parent))
+
+
+def sweep_stale(parent: Path, kind: str) -> list[Path]:
+    """Remove `.{kind}-{pid}-*` folders in `parent` whose process is gone; returns them."""
+    removed = []
+    for path in parent.glob(f".{kind}-*-*"):
+        pid = path.name[len(kind) + 2 :].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running: another export's work
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except PermissionError:
+            continue
+    return removed
+
+
 @contextmanager
 def staging_dir(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield an empty temp folder; on normal exit it replaces `out` atomically, on any exception
@@ -48,7 +73,7 @@ def staging_dir(out: Path, force: bool = False) -> Iterator[Path]:
         raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        tmp = work_dir(out.parent, f"{out.name}.partial")
     except OSError as exc:
         raise BundleError(f"cannot create the bundle at {out} ({exc.strerror or exc}); check the path "
                           "and its permissions") from exc

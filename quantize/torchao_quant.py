@@ -4,16 +4,41 @@ the embedding as intN weight-only per group (fused into ExecuTorch's quantized e
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from llamaship.export.model import Llama
 from llamaship.quantize.scheme import QuantScheme
 
+OFFLOAD_MIN_NUMEL = 1 << 16  # small tensors are not worth a file each
 
-def group_quantizer(scheme: QuantScheme):  # type: ignore[no-untyped-def]
+
+def offload_qdata(module: nn.Module, folder: Path) -> int:
+    """Move the int8 values of every torchao-quantized weight under `module` into a file-backed
+    (shared mmap) tensor in `folder`; returns the bytes moved. Why: torchao keeps 4-bit values
+    unpacked, one byte each, so an 8B model's quantized weights are 8 GB of anonymous memory, and
+    ExecuTorch's lowering needs about as much again. File-backed pages can be written back and
+    dropped by the kernel under memory pressure (there is no swap here), so the export's peak
+    anonymous memory no longer grows with the model."""
+    moved = 0
+    for name, param in module.named_parameters():
+        q = getattr(param, "qdata", None)
+        if not isinstance(q, torch.Tensor) or q.numel() < OFFLOAD_MIN_NUMEL:
+            continue
+        path = folder / f"{id(param):x}-{name}.bin"
+        mapped = torch.from_file(str(path), shared=True, size=q.numel(), dtype=q.dtype).view(q.shape)
+        mapped.copy_(q)
+        param.qdata = mapped
+        moved += q.numel() * q.element_size()
+    return moved
+
+
+def group_quantizer(scheme: QuantScheme, offload_dir: Path | None = None):  # type: ignore[no-untyped-def]
     """`on_loaded(model, prefix)` for `Llama.load_weights`: quantize one group (the embedding, a
-    block, the lm_head) as soon as it is loaded, so the fp32 copy of only that group is alive."""
+    block, the lm_head) as soon as it is loaded, so the fp32 copy of only that group is alive;
+    with `offload_dir`, its quantized values then move to file-backed memory (`offload_qdata`)."""
     from torchao.quantization import (
         Int8DynamicActivationIntxWeightConfig,
         IntxWeightOnlyConfig,
@@ -49,6 +74,8 @@ def group_quantizer(scheme: QuantScheme):  # type: ignore[no-untyped-def]
         elif prefix.startswith("layers."):
             quantize_(model, linear_config(scheme.bits),
                       filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn.startswith(prefix + "."))
+        if offload_dir is not None:
+            offload_qdata(model.get_submodule(prefix), offload_dir)
 
     return on_loaded
 

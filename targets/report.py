@@ -50,7 +50,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     for t in report["targets"]:
         fit = t["fit"]
         verdict = "PASS" if t["passed"] else "FAIL"
+        ships = t.get("ships")
         lines += [f"### {t['profile']}: {t['device']}, {t['artifact']} - {verdict}", "",
+                  *([f"- ships: {ships}"] if ships else []),
                   f"- speed: {t['speed_source']}",
                   f"- fit: weights {fit['weight_bytes'] / 1e9:.3f} GB + KV {fit['kv_cache_bytes'] / 1e9:.3f} GB "
                   f"at {fit['context']} tokens = {fit['total_bytes'] / 1e9:.3f} GB (budget "

@@ -152,6 +152,10 @@ def validate(
             gates = check_gates(profile, res["accuracy"], measured, fit.decode_ceiling_tok_s, fit.fits)
             targets.append({
                 "profile": profile.name, "device": profile.device, "artifact": res["path"],
+                "ships": (f"yes: the {profile.name} profile ships {', '.join(profile.formats)}"
+                          if res["format"] in profile.formats else
+                          f"opt-in: the {profile.name} profile ships {', '.join(profile.formats)} by default and "
+                          f"gates {res['format']} when a bundle has it"),
                 "speed_source": "measured on this host" if profile.measured_here else
                 f"roofline prediction for {profile.device} (no such device here)",
                 "fit": fit.to_json(), "gates": gates, "passed": all(g["passed"] for g in gates),

@@ -241,3 +241,21 @@ def test_unsupported_format_scheme_pairs_refused_before_work(gguf_path, tmp_path
     assert main(["export", "--model", str(gguf_path), "--out", str(out), *args]) == 3
     assert message in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_leftovers_of_a_killed_export_are_swept(tmp_path):
+    """SIGKILL (the OOM killer) runs no cleanup: the next export beside it removes the staging
+    folder of a process that no longer exists, and leaves a live process's alone."""
+    from llamaship.bundle import staging_dir
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    stale = tmp_path / f".b.partial-{proc.pid}-abc"
+    (stale / "model.pte").parent.mkdir()
+    (stale / "model.pte").write_bytes(b"half")
+    live = tmp_path / f".b.partial-{os.getppid()}-def"
+    live.mkdir()
+    with staging_dir(tmp_path / "b") as tmp:
+        (tmp / "x").write_text("ok")
+    assert not stale.exists() and live.exists()
+    assert (tmp_path / "b" / "x").read_text() == "ok"

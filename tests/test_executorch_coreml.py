@@ -102,6 +102,7 @@ def test_cli_bundle_gated_by_apple_profile(tmp_path, gguf_path):
     assert report["artifacts"][0]["accuracy"]["scored_tokens"] > 0
     (target,) = report["targets"]
     assert target["profile"] == "apple" and target["artifact"] == "model_coreml.pte"
+    assert target["ships"].startswith("opt-in") and "- ships: opt-in" in (out / "report.md").read_text()
     assert main(["verify", str(out)]) == 0
     assert main(["generate", str(out), "--format", "executorch_coreml", "--prompt", "The tower",
                  "--max-new-tokens", "3", "--json"]) == 0

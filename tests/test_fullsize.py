@@ -99,3 +99,21 @@ def test_llama3_8b_two_layer_slice_exports_and_runs(tmp_path):
     # int4 g32 blocks + int4 embedding + int8 lm_head: within 5% of the fit prediction
     assert row["artifact_gb"] == pytest.approx(row["fit_weights_gb"], rel=0.05)
     assert not any(tmp_path.glob("llama3-8b-2l-hf*"))  # checkpoint and bundle cleaned up
+
+
+def test_offloaded_export_writes_the_same_program(tmp_path, tiny_ckpt, tiny_q_pte, monkeypatch):
+    """Quantized values held in memory-mapped files (what a 7B/8B export does) give the same .pte,
+    and the files are gone afterwards."""
+    from llamaship.export.executorch import export_pte
+    from llamaship.quantize import torchao_quant
+
+    monkeypatch.setattr(torchao_quant, "OFFLOAD_MIN_NUMEL", 0)
+    moved = []
+    real = torchao_quant.offload_qdata
+    monkeypatch.setattr(torchao_quant, "offload_qdata", lambda m, d: moved.append(real(m, d)) or moved[-1])
+    out = tmp_path / "off.pte"
+    export_pte(tiny_ckpt.spec, tiny_ckpt.state, QuantScheme(), out, max_context=128, progress=lambda s: None,
+               offload=True)
+    assert sum(moved) > 0
+    assert out.read_bytes() == tiny_q_pte.read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == ["off.pte"]

@@ -114,6 +114,7 @@ def test_report_files_and_validate_cli(tmp_path, gguf_path, tiny_profile, capsys
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "fp32 reference" in md and "mean KLD" in md and "tiny_test" in md
+    assert "- ships: yes" in md and report["targets"][0]["ships"].startswith("yes")
     assert report["reference"]["ppl"] > 1
     assert main(["verify", str(out)]) == 0  # the rewritten manifest covers the report files
     capsys.readouterr()
