@@ -203,9 +203,10 @@ class Llama(nn.Module):
                     key = "tok_embeddings.weight"
                 if key not in state:
                     raise KeyError(f"missing weight {prefix}.{n}")
-                tensor = state[key].to(torch.float32)
-                if prefix == "output" and key == "tok_embeddings.weight":
-                    tensor = tensor.clone()  # never the embedding's own storage
+                source = state[key]
+                tensor = source.to(torch.float32)
+                if prefix == "output" and key == "tok_embeddings.weight" and tensor is source:
+                    tensor = tensor.clone()  # never the embedding's own storage (a lazy state reads anew)
                 group[n] = tensor
             module.load_state_dict(group, strict=False, assign=True)
             del group
