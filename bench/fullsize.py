@@ -123,6 +123,25 @@ def rss_anon_kb(pid: int) -> int:
         return 0
 
 
+def tree_anon_kb(root: int) -> int:
+    """RssAnon of a process and all its descendants: the ONNX route runs the builder as a child."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        kids = [p for p, pp in parents.items() if pp == frontier[-1]]
+        frontier.pop()
+        tree.update(kids)
+        frontier.extend(kids)
+    return sum(rss_anon_kb(p) for p in tree)
+
+
 def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
@@ -165,8 +184,8 @@ def main() -> int:
             t = time.perf_counter()
             proc = subprocess.Popen(cmd)
             anon_peak = 0
-            while proc.poll() is None:  # anonymous memory is what the OOM killer counts (no swap here)
-                anon_peak = max(anon_peak, rss_anon_kb(proc.pid))
+            while proc.poll() is None:  # anonymous memory (no swap here), of the export and its children
+                anon_peak = max(anon_peak, tree_anon_kb(proc.pid))
                 time.sleep(1)
             wall = time.perf_counter() - t
             row = {"model": args.model, "layers": args.layers, "layout": args.layout, "format": fmt,

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from llamaship.errors import ExportError, UnsupportedError
+from llamaship.export import onnx_prequant as prequant
 from llamaship.export.hf_folder import write_hf_folder
 from llamaship.export.spec import ModelSpec
 from llamaship.export.tokenizer import Tokenizer
@@ -175,8 +176,14 @@ def export_onnx(
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".onnx-build-", dir=out.parent) as work:
         t = time.perf_counter()
-        progress("onnx: writing the checkpoint as a Hugging Face folder for the model builder")
-        hf_dir = write_hf_folder(spec.replace(max_context=max_context), state, tokenizer, Path(work) / "hf")
+        folder_spec = spec.replace(max_context=max_context)
+        if scheme is not None and prequant.supports(scheme, algorithm):
+            progress("onnx: quantizing the linears (k-quant) into an olive checkpoint for the model builder")
+            hf_dir = prequant.write_olive_folder(folder_spec, state, tokenizer, scheme, Path(work) / "hf",
+                                                 progress)
+        else:
+            progress("onnx: writing the checkpoint as a Hugging Face folder for the model builder")
+            hf_dir = write_hf_folder(folder_spec, state, tokenizer, Path(work) / "hf")
         timings["write_hf_s"] = time.perf_counter() - t
         t = time.perf_counter()
         progress(f"onnx: onnxruntime-genai model builder, precision {precision} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,7 +69,7 @@ def test_int4_graph_holds_the_requested_blocks(llama2_meta_ckpt, meta_int4_onnx)
     ops = quant["quantized_ops"]
     layers = ops["MatMulNBits int4 block 32 accuracy_level 4 asymmetric"]  # k_quant: scale + zero point
     assert layers["count"] == 2 * 5  # qkv (fused), o, gate, up, down per layer
-    assert ops["MatMulNBits int8 block 32 accuracy_level 4 asymmetric"]["examples"] == ["/lm_head/MatMul_Q8"]
+    assert ops["MatMulNBits int8 block 32 accuracy_level 4 asymmetric"]["examples"] == ["/lm_head/MatMulNBits"]
     assert ops["GatherBlockQuantized int4 block 32 symmetric"]["count"] == 1
     assert len(ops) == 3
     assert quant["float_parameters"] < 10_000  # norms and rotary caches only
@@ -78,6 +79,71 @@ def test_int4_graph_holds_the_requested_blocks(llama2_meta_ckpt, meta_int4_onnx)
     for g, r in zip(got, ref, strict=True):
         assert torch.nn.functional.cosine_similarity(g.flatten(), r.flatten(), dim=0) >= 0.9
         assert (g - r).abs().max().item() > 1e-3  # it really is quantized
+
+
+def quantized_initializers(folder: Path) -> dict[str, list[np.ndarray]]:
+    """Per quantized node (name without the op suffix, which differs between routes): its
+    initializer inputs, flattened."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(folder / "model.onnx"))
+    init = {i.name: numpy_helper.to_array(i, base_dir=str(folder)).ravel() for i in model.graph.initializer}
+    return {n.name.rsplit("/", 1)[0]: [init[x] for x in n.input[1:] if x in init] for n in model.graph.node
+            if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+
+
+def test_streamed_k_quant_is_byte_identical_to_the_builders(tmp_path, monkeypatch, meta_int4_onnx,
+                                                            llama2_meta_ckpt):
+    """The default route quantizes each weight as it streams out of the checkpoint and hands the
+    builder an olive checkpoint (what keeps 8B within 24 GB); what it stores must be exactly what the
+    builder's own k-quant of the float checkpoint stores."""
+    from llamaship.export import onnx_prequant
+
+    monkeypatch.setattr(onnx_prequant, "supports", lambda *a: False)  # the builder quantizes
+    ours = quantized_initializers(meta_int4_onnx)
+    builders = quantized_initializers(export(llama2_meta_ckpt, tmp_path / "builder", QuantScheme()))
+    assert ours.keys() == builders.keys() and len(ours) == 2 * 5 + 2
+    for name, arrays in ours.items():
+        assert len(arrays) == len(builders[name]) >= 1
+        for a, b in zip(arrays, builders[name], strict=True):
+            assert a.dtype == b.dtype and np.array_equal(a, b), name
+
+
+def k_quant_dequantized(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """onnxruntime's k-quant, unpacked values straight from it: W = (q - zero) * scale. Independent
+    of the packing under test."""
+    from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
+
+    q, scale, zero = quant_tensor_k_quant_cpu(w.float().numpy(), bits, group)
+    return torch.from_numpy(((q - zero) * scale).astype(np.float32).reshape(w.shape))
+
+
+def test_odd_block_count_tied_head_matches_the_dequantized_module(tmp_path, tiny_ckpt):
+    """Block 64 on K=64 and K=192 leaves an odd number of blocks per row (onnxruntime's own packing
+    of zero points fails there); with fp32 activations (accuracy level 1) the graph must compute
+    what the module computes with each weight replaced by its dequantized k-quant value. Tied
+    embeddings: lm_head gets its own int8 copy, the embedding stays float."""
+    scheme = QuantScheme(group_size=64, embedding_bits=0, lm_head_bits=8)
+    folder = tmp_path / "odd"
+    export_onnx(tiny_ckpt.spec, tiny_ckpt.state, tiny_ckpt.tokenizer, scheme, folder, max_context=128,
+                accuracy_level=1, progress=lambda s: None)
+    assert set(describe_quantization(folder / "model.onnx")["quantized_ops"]) == {
+        "MatMulNBits int4 block 64 accuracy_level 1 asymmetric",
+        "MatMulNBits int8 block 64 accuracy_level 1 asymmetric"}
+    state = dict(tiny_ckpt.state)
+    for name, w in tiny_ckpt.state.items():
+        if name.startswith("layers.") and w.dim() == 2:
+            state[name] = k_quant_dequantized(w, 4, 64)
+    emb = tiny_ckpt.state["tok_embeddings.weight"]
+    state["output.weight"] = k_quant_dequantized(emb, 8, 64)
+    spec = tiny_ckpt.spec.replace(tied_embeddings=False)
+    ref = module_steps(build_model(spec, state, max_context=128))
+    got = run_steps(OnnxModule(folder).forward)
+    plain = eager_steps(tiny_ckpt)
+    for g, r, p in zip(got, ref, plain, strict=True):
+        assert (g - r).abs().max().item() <= 1e-4
+        assert (g - p).abs().max().item() > 1e-3  # the reference really is the quantized one
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
