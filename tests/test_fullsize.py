@@ -102,18 +102,26 @@ def test_llama3_8b_two_layer_slice_exports_and_runs(tmp_path):
 
 
 def test_offloaded_export_writes_the_same_program(tmp_path, tiny_ckpt, tiny_q_pte, monkeypatch):
-    """Quantized values held in memory-mapped files (what a 7B/8B export does) give the same .pte,
-    and the files are gone afterwards."""
+    """Quantized values held in memory-mapped files and XNNPACK's packed weights spilled to files
+    (what a 7B/8B export does) give the same .pte, and the files are gone afterwards."""
+    from executorch.exir._serialize._cord import FileBackedData
+
+    from llamaship.export import executorch as executorch_export
     from llamaship.export.executorch import export_pte
     from llamaship.quantize import torchao_quant
 
     monkeypatch.setattr(torchao_quant, "OFFLOAD_MIN_NUMEL", 0)
-    moved = []
+    monkeypatch.setattr(executorch_export, "SPILL_MIN_BYTES", 0)
+    moved, spilled = [], []
     real = torchao_quant.offload_qdata
     monkeypatch.setattr(torchao_quant, "offload_qdata", lambda m, d: moved.append(real(m, d)) or moved[-1])
+    real_init = FileBackedData.__init__
+    monkeypatch.setattr(FileBackedData, "__init__",
+                        lambda self, path, *a, **k: spilled.append(path) or real_init(self, path, *a, **k))
     out = tmp_path / "off.pte"
     export_pte(tiny_ckpt.spec, tiny_ckpt.state, QuantScheme(), out, max_context=128, progress=lambda s: None,
                offload=True)
     assert sum(moved) > 0
+    assert len(spilled) >= 2 * 7  # every packed XNNPACK weight went through a file
     assert out.read_bytes() == tiny_q_pte.read_bytes()
     assert [p.name for p in tmp_path.iterdir()] == ["off.pte"]
