@@ -16,10 +16,19 @@ asymmetric (a scale and an int4 offset per block, +0.125 bits per weight): corem
 mode uses only 15 of the 16 levels ([-7, 7]); on SmolLM2 (1024-token WikiText-2 slice) it gave KLD
 0.309 and answered "The capital of France is" with " located in the heart of...", asymmetric KLD
 0.237 and " Paris." (SmolLM2's weights were Q4_1, itself asymmetric: its margin is flattering).
+
+From 1B parameters on (`STREAMED_PARAMS`), that route does not fit a 24 GB machine: the traced fp32
+program alone is 4 bytes per parameter and `linear_quantize_weights` held ~5 bytes per parameter
+more (7.5 GiB for a 1.5B-parameter slice of Llama 3 8B). There the weights are quantized block by
+block as they are loaded, with torchao (asymmetric int4 groups, as the ExecuTorch Core ML delegate
+stores them), their values moved to memory-mapped files, and the module goes through torch.export
+into coremltools, which maps torchao's int4 groups straight to `constexpr_blockwise_shift_scale`:
+no float copy of the model exists at any point. Same inputs, states and output as the small route.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamaship.bundle import work_dir
 from llamaship.errors import ExportError, UnsupportedError
 from llamaship.export.model import Llama, apply_rope, build_model
 from llamaship.export.spec import ModelSpec
@@ -37,6 +47,7 @@ from llamaship.quantize.scheme import QuantScheme
 
 MIN_TARGET = "iOS18"  # stateful programs and constexpr_blockwise_shift_scale need iOS 18 / macOS 15
 MASK_MIN = -1e4  # fp16-safe "-inf" for masked positions (fp16 max is 65504)
+STREAMED_PARAMS = 1_000_000_000  # from here on: torchao block by block + torch.export (see above)
 
 
 def rms_norm_fp16_safe(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -127,6 +138,49 @@ def convert(
         raise ExportError(f"coremltools could not convert {spec.name}: {exc}") from exc
 
 
+def convert_streamed(
+    spec: ModelSpec, state: dict[str, torch.Tensor], scheme: QuantScheme, max_context: int,
+    max_seq_len: int, work: Path,
+) -> Any:
+    """Quantize while loading (torchao weight-only int4 groups, values file-backed in `work`),
+    torch.export, convert: the memory-bounded route for 7B/8B (module docstring)."""
+    import coremltools as ct
+    from torch.export import Dim
+
+    from llamaship.export.executorch_coreml import weight_only
+    from llamaship.quantize.torchao_quant import group_quantizer
+
+    scheme.check_fits(spec)
+    on_loaded = group_quantizer(weight_only(scheme), offload_dir=work)
+    model = CoreMLLlama(build_model(spec, state, max_context=max_context, impl="torch",
+                                    on_loaded=on_loaded)).eval()
+    # torch.export specializes a mask as wide as the cache (it traces a different branch there);
+    # the program's ops are the same for that width, so the range is widened after conversion
+    seq = Dim("seq_len", min=1, max=min(max_seq_len, max_context - 1))
+    ctx = Dim("context", min=1, max=max_context - 1)
+    example = (torch.zeros((1, 2), dtype=torch.int32), torch.from_numpy(causal_mask(0, 2)))
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, example, dynamic_shapes=({1: seq}, {2: seq, 3: ctx}), strict=False)
+            ep = ep.run_decompositions({})
+        mlmodel = ct.convert(
+            ep,
+            inputs=[ct.TensorType(name="input_ids", dtype=np.int32),
+                    ct.TensorType(name="causal_mask", dtype=np.float16)],
+            outputs=[ct.TensorType(name="logits", dtype=np.float16)],
+            minimum_deployment_target=getattr(ct.target, MIN_TARGET),
+            compute_precision=ct.precision.FLOAT16,
+            skip_model_load=True,
+        )
+    except Exception as exc:
+        raise ExportError(f"coremltools could not convert {spec.name} (streamed route): {exc}") from exc
+    pb = mlmodel.get_spec()
+    for inp in pb.description.input:
+        if inp.name == "causal_mask":
+            inp.type.multiArrayType.shapeRange.sizeRanges[3].upperBound = max_context
+    return ct.models.MLModel(pb, weights_dir=mlmodel.weights_dir, skip_model_load=True)
+
+
 def quantize(mlmodel: Any, scheme: QuantScheme) -> tuple[Any, dict[str, Any]]:
     """int4 per-block linear weights; embedding and lm_head per the scheme. Returns the quantized
     model and what was decided for the embedding/lm_head.
@@ -176,27 +230,50 @@ def _weight_const(mlmodel: Any, which: str) -> str | None:
 def export_coreml(
     spec: ModelSpec, state: dict[str, torch.Tensor], scheme: QuantScheme | None, out: Path,
     max_context: int, max_seq_len: int, progress: Callable[[str], None] = print,
+    streamed: bool | None = None,
 ) -> dict[str, Any]:
-    """Write `out` (.mlpackage). Returns timings and the quantization read back from the program."""
+    """Write `out` (.mlpackage). Returns timings and the quantization read back from the program.
+    `streamed` (default: from `STREAMED_PARAMS` parameters on) picks the memory-bounded route."""
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    progress("converting to a Core ML ML program (coremltools, fp16 compute, KV cache as state)")
-    mlmodel = convert(spec, state, max_context, max_seq_len)
-    timings["convert_s"] = time.perf_counter() - t
-    if scheme is not None:
+    if streamed is None:
+        streamed = scheme is not None and spec.param_count() >= STREAMED_PARAMS
+    if streamed and scheme is None:
+        raise UnsupportedError("the streamed Core ML route quantizes while loading: it needs a 4-bit scheme")
+    work = work_dir(out.parent, "llamaship-weights") if streamed else None
+    try:
+        if work is not None and scheme is not None:
+            progress(f"Core ML, streamed: torchao int4 groups of {scheme.group_size} block by block "
+                     f"(values memory-mapped from {work}), torch.export, coremltools")
+            mlmodel = convert_streamed(spec, state, scheme, max_context, max_seq_len, work)
+            decided = {"embedding_bits": scheme.embedding_bits, "lm_head_bits": scheme.lm_head_bits,
+                       "embedding_shared_with_lm_head": False, "quantizer": "torchao (streamed)"}
+            timings["convert_s"] = time.perf_counter() - t
+        else:
+            progress("converting to a Core ML ML program (coremltools, fp16 compute, KV cache as state)")
+            mlmodel = convert(spec, state, max_context, max_seq_len)
+            timings["convert_s"] = time.perf_counter() - t
+            if scheme is not None:
+                t = time.perf_counter()
+                progress(f"quantizing Core ML weights: int4 per_block {scheme.group_size}")
+                mlmodel, decided = quantize(mlmodel, scheme)
+                timings["quantize_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        progress(f"quantizing Core ML weights: int4 per_block {scheme.group_size}")
-        mlmodel, decided = quantize(mlmodel, scheme)
-        timings["quantize_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    mlmodel.save(str(out))
-    timings["save_s"] = time.perf_counter() - t
+        mlmodel.save(str(out))
+        timings["save_s"] = time.perf_counter() - t
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     quant = describe_quantization(out)
     if scheme is not None:
         quant |= decided
     if scheme is not None:
         blocks = [w for w in quant["weights"] if w["feeds"] == ["linear"]]
-        bad: list[Any] = [w for w in blocks if w["dtype"] != "int4" or w["block"] != scheme.group_size]
+        head8 = [w for w in blocks if w["dtype"] == "int8"]  # an untied lm_head, int8 per channel
+        bad: list[Any] = [w for w in blocks if w not in head8
+                          and (w["dtype"] != "int4" or w["block"] != scheme.group_size)]
+        if len(head8) > (scheme.lm_head_bits == 8):
+            bad += head8
         n_linear = 7 * spec.n_layers + (scheme.lm_head_bits == 4)
         if len(blocks) < 7 * spec.n_layers:
             bad.append(f"{len(blocks)} quantized linear weights, expected at least {n_linear}")

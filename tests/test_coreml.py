@@ -215,6 +215,49 @@ def test_block_64(tmp_path, tiny_ckpt):
     assert all(torch.nn.functional.cosine_similarity(g, r).item() > 0.9 for g, r in zip(got, ref, strict=True))
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_streamed_route_computes_its_quantized_module_up_to_the_last_cache_slot(tmp_path, tiny_ckpt, tied):
+    """The 7B/8B route (torchao int4 groups while loading, values file-backed, torch.export) on the
+    tiny model: the program computes what the same torchao-quantized module computes, through the
+    state, up to a mask as wide as the cache (the width torch.export cannot trace: the range is
+    widened after conversion). Untied: the lm_head is its own int8 matrix."""
+    from llamaship.export.coreml import CoreMLLlama
+    from llamaship.export.executorch_coreml import weight_only
+    from llamaship.quantize.torchao_quant import group_quantizer
+
+    spec, state = tiny_ckpt.spec, dict(tiny_ckpt.state)
+    if not tied:
+        spec = spec.replace(tied_embeddings=False)
+        state["output.weight"] = state["tok_embeddings.weight"].flip(0).clone()
+    ctx, out = 16, tmp_path / "streamed.mlpackage"
+    res = export_coreml(spec, state, QuantScheme(), out, max_context=ctx, max_seq_len=8, streamed=True,
+                        progress=lambda s: None)
+    assert res["quantization"]["quantizer"] == "torchao (streamed)"
+    weights = describe_quantization(out)["weights"]
+    linear = [w for w in weights if w["feeds"] == ["linear"] and w["dtype"] == "int4"]
+    assert len(linear) == 7 * spec.n_layers and all(w["block"] == 32 and not w["symmetric"] for w in linear)
+    assert sorted(w["dtype"] for w in weights if w not in linear) == ["int4", "int8"]  # embedding, lm_head
+    assert not list(tmp_path.glob(".llamaship-weights-*"))  # the memory-mapped values are gone
+    import coremltools as ct
+
+    ranges = {i.name: [(r.lowerBound, r.upperBound) for r in i.type.multiArrayType.shapeRange.sizeRanges]
+              for i in ct.utils.load_spec(str(out)).description.input}
+    assert ranges["causal_mask"][2:] == [(1, 8), (1, ctx)] and ranges["input_ids"][1] == (1, 8)
+
+    ref = CoreMLLlama(build_model(spec, state, max_context=ctx, impl="torch",
+                                  on_loaded=group_quantizer(weight_only(QuantScheme())))).eval()
+    module = CoreMLModule(out)
+    tokens = [*PROMPT, *DECODE][:8]
+    steps = [(tokens, 0)] + [([t], 8 + i) for i, t in enumerate([*DECODE, *PROMPT][:8])]
+    assert steps[-1][1] + 1 == ctx
+    for toks, pos in steps:
+        with torch.no_grad():
+            r = ref(torch.tensor([toks], dtype=torch.int32), torch.from_numpy(causal_mask(pos, len(toks))))
+        g = module.forward(toks, pos)
+        assert (g - r).abs().max().item() <= 0.02 * r.abs().max().item()
+        assert torch.nn.functional.cosine_similarity(g, r).item() > 0.999
+
+
 def test_unknown_op_fails_loudly(tmp_path, fp16_package, monkeypatch):
     monkeypatch.delitem(mil_eval.OPS, "scaled_dot_product_attention")
     with pytest.raises(RuntimeFailure, match="does not implement.*scaled_dot_product_attention"):
