@@ -64,6 +64,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         max_seq_len=args.max_seq_len,
         force=args.force,
         smoke_prompt=None if args.no_smoke else args.prompt,
+        smoke_tokens=args.smoke_tokens,
         targets=tuple(args.target or ["x86_emulator"]),
         validate=not args.no_validate,
         eval_tokens=args.eval_tokens,
@@ -332,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "of this size); activation memory scales with it (default 128)")
     ex.add_argument("--prompt", default="The capital of France is", help="smoke-test prompt")
     ex.add_argument("--no-smoke", action="store_true", help="skip the smoke generation")
+    ex.add_argument("--smoke-tokens", type=int, default=32, metavar="N",
+                    help="tokens the smoke generation makes (default 32; the Core ML reference evaluator "
+                         "takes about a minute per token for an 8B model)")
     ex.add_argument("--force", action="store_true", help="replace --out if it exists")
     ex.add_argument("--target", action="append", metavar="PROFILE",
                     help="validate for this target: x86_emulator (default), qualcomm, apple, or a "

@@ -281,13 +281,17 @@ class Program:
         return sorted({op.op_type for op in var.child_ops})
 
 
+WEIGHT_CACHE_BYTES = 4 << 30  # dequantized weights kept between calls; beyond it, made per call
+
+
 class MilModel:
     """Stateful execution of a Program: `predict(inputs)` -> outputs, states persist across calls
     until `reset_state()` (zeros, as `MLModel.make_state()` gives)."""
 
-    def __init__(self, package: Path) -> None:
+    def __init__(self, package: Path, weight_cache_bytes: int = WEIGHT_CACHE_BYTES) -> None:
         self.program = Program(package)
         self._weights: dict[str, Array] = {}  # dequantized / widened constants, made once
+        self._cache_left = weight_cache_bytes
         self.states: dict[str, Array] = {}
         self.reset_state()
 
@@ -319,8 +323,8 @@ class MilModel:
         if var.val is not None:
             val = var.val
             if isinstance(val, np.ndarray) and val.dtype == np.float16 and val.size >= 1024:
-                # fp16 weights widened once (exactly); ops compute in fp32 anyway
-                val = self._weights.setdefault(var.name, val.astype(np.float32))
+                # fp16 weights widened (exactly), once while the cache budget lasts; ops compute in fp32
+                val = self._keep(var.name, val.astype(np.float32))
             return val
         raise RuntimeFailure(f"MIL evaluator: value {var.name!r} used before it is computed")
 
@@ -355,10 +359,16 @@ class MilModel:
         if dtype is not None and result.dtype != dtype:
             result = result.astype(dtype)
         if op.op_type == "constexpr_blockwise_shift_scale":
-            # dequantized once (rounded to the program's dtype), as Core ML does at load
-            result = result.astype(np.float32)
-            self._weights[out.name] = result
+            # dequantized once (rounded to the program's dtype), as Core ML does at load, while the
+            # cache budget lasts: a 7B/8B program's weights would be 28-32 GB in fp32
+            result = self._keep(out.name, result.astype(np.float32))
         env[out.name] = result
+
+    def _keep(self, name: str, value: Array) -> Array:
+        if value.nbytes <= self._cache_left:
+            self._cache_left -= value.nbytes
+            self._weights[name] = value
+        return value
 
 
 def load_program(package: Path) -> Program:

@@ -204,6 +204,16 @@ def test_int4_program_is_close_but_really_quantized(tiny_ckpt, int4_package, fp1
         assert (g - f).abs().max().item() > 1e-3
 
 
+def test_evaluator_without_weight_cache_gives_the_same_logits(int4_package):
+    """Over the cache budget (a 7B/8B program), weights are dequantized per call instead of kept."""
+    cached, uncached = mil_eval.MilModel(int4_package[0]), mil_eval.MilModel(int4_package[0], weight_cache_bytes=0)
+    inputs = {"input_ids": np.asarray([PROMPT], dtype=np.int32),
+              "causal_mask": causal_mask(0, len(PROMPT), np.float16)}
+    a, b = cached.predict(inputs), uncached.predict(inputs)
+    assert np.array_equal(a["logits"], b["logits"])
+    assert cached._weights and not uncached._weights  # noqa: SLF001
+
+
 def test_block_64(tmp_path, tiny_ckpt):
     out = tmp_path / "g64.mlpackage"
     export_coreml(tiny_ckpt.spec, tiny_ckpt.state, QuantScheme(group_size=64), out,
