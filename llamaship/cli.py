@@ -83,6 +83,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         smoke = art.get("smoke_test")
         if not smoke:
             continue
+        if "skipped" in smoke:
+            print(f"smoke test of {art['path']} not run: {smoke['skipped']}")
+            continue
         st = smoke["stats"]
         print(f"smoke test ({smoke['runtime']}): {smoke['prompt']!r} -> {smoke['text']!r}")
         print(
@@ -334,8 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--prompt", default="The capital of France is", help="smoke-test prompt")
     ex.add_argument("--no-smoke", action="store_true", help="skip the smoke generation")
     ex.add_argument("--smoke-tokens", type=int, default=32, metavar="N",
-                    help="tokens the smoke generation makes (default 32; the Core ML reference evaluator "
-                         "takes about a minute per token for an 8B model)")
+                    help="tokens the smoke generation makes (default 32)")
     ex.add_argument("--force", action="store_true", help="replace --out if it exists")
     ex.add_argument("--target", action="append", metavar="PROFILE",
                     help="validate for this target: x86_emulator (default), qualcomm, apple, or a "

@@ -27,6 +27,37 @@ def runtime_name() -> str:
             else "MIL reference evaluator (NumPy, fp16 tensors; no Core ML runtime on Linux)")
 
 
+# The evaluator holds the program's weights unpacked plus its dequantized-weight cache: Llama 3 8B
+# (4.8 GB of weights in the package) was OOM-killed at 22.4 GiB on a 24 GB machine, i.e. more than
+# 4.5 bytes per stored byte; SmolLM2 (91 MB) needs well under 1 GB.
+EVALUATOR_BYTES_PER_WEIGHT_BYTE = 5
+
+
+def check_evaluator_memory(package: Path) -> None:
+    """Refuse, with the reason, a program the NumPy evaluator cannot hold in this machine's memory
+    (instead of the OOM killer ending the whole export)."""
+    from llamaship.targets.mil_eval import WEIGHT_CACHE_BYTES
+
+    weights = sum(f.stat().st_size for f in Path(package).rglob("*.bin"))
+    need = weights * EVALUATOR_BYTES_PER_WEIGHT_BYTE + min(WEIGHT_CACHE_BYTES, weights * 8)
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise RuntimeFailure(
+            f"{package}: the MIL reference evaluator would need about {need / 2**30:.0f} GiB for these "
+            f"{weights / 1e9:.1f} GB of weights and {avail / 2**30:.0f} GiB are available; run this "
+            "artifact with Core ML on a Mac (the same code path calls MLModel.predict there)")
+
+
+def available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class CoreMLModule:
     """The program's forward with its KV-cache state; positions come from the mask width."""
 
@@ -45,6 +76,7 @@ class CoreMLModule:
         else:
             from llamaship.targets.mil_eval import MilModel
 
+            check_evaluator_memory(self.package)
             self._eval = MilModel(self.package)
 
     def reset(self) -> None:

@@ -214,6 +214,21 @@ def test_evaluator_without_weight_cache_gives_the_same_logits(int4_package):
     assert cached._weights and not uncached._weights  # noqa: SLF001
 
 
+def test_program_too_large_for_the_evaluator_is_refused_with_the_reason(fp16_package, tiny_ckpt, monkeypatch):
+    """An 8B program would take the evaluator past this machine's memory: a clear refusal
+    instead of the OOM killer ending the export (whose smoke test then records why it did not run)."""
+    from llamaship.targets import coreml_runtime
+
+    monkeypatch.setattr(coreml_runtime, "available_memory", lambda: 1000)
+    with pytest.raises(RuntimeFailure, match=r"would need about .* GiB .* run this artifact with Core ML on a Mac"):
+        CoreMLModule(fp16_package)
+    from llamaship.pipeline import smoke_test
+
+    art = {"format": "coreml", "path": fp16_package.name}
+    smoke = smoke_test(art, fp16_package.parent, None, tiny_ckpt, "Hi", 2, lambda s: None)  # type: ignore[arg-type]
+    assert "Mac" in smoke["skipped"] and "text" not in smoke
+
+
 def test_block_64(tmp_path, tiny_ckpt):
     out = tmp_path / "g64.mlpackage"
     export_coreml(tiny_ckpt.spec, tiny_ckpt.state, QuantScheme(group_size=64), out,
