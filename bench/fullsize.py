@@ -147,8 +147,36 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
+FORMAT_NAMES = {"executorch": ".pte 8da4w, emb4, head8", "onnx": "ONNX w4 k-quant, emb4, head8",
+                "coreml": ".mlpackage int4 asym, emb4, head8", "executorch_coreml": "Core ML delegate .pte"}
+
+
+def _gib(row: dict, key: str) -> str:  # type: ignore[type-arg]
+    return f"{row[key]:.1f} GiB" if row.get(key) else ""
+
+
+def table(rows: list[dict]) -> str:  # type: ignore[type-arg]
+    """The README's markdown rows: the newest run per (model, layers, layout, format, group)."""
+    newest = {(r["model"], r["layers"], r["layout"], r["format"], r["group_size"]): r for r in rows}
+    lines = []
+    for (model, layers, layout, fmt, group), r in sorted(newest.items(), key=lambda kv: str(kv[0])):
+        name = MODELS_PRETTY.get(model, model) + (f", {layers}-layer slice" if layers else "")
+        name += ", Meta `consolidated.00.pth`" if layout == "meta" else ""
+        if fmt == "executorch" and "smoke_tokens" not in r:  # rows from before this field existed
+            name += " (run before XNNPACK blobs were spilled to files)"
+        done = f"{r['wall_s'] / 60:.1f} min" if r["exit"] == 0 else f"failed (exit {r['exit']})"
+        size = f"{r['artifact_gb']:.2f} GB" if r["exit"] == 0 else ""
+        lines.append(f"| {name} | {FORMAT_NAMES[fmt]} | {group} | {done} | {_gib(r, 'peak_anon_gib')} "
+                     f"| {_gib(r, 'peak_rss_gib')} | {size} | {r['fit_weights_gb']:.2f} GB |")
+    return "\n".join(lines)
+
+
+MODELS_PRETTY = {"llama2-7b": "Llama 2 7B", "llama3-8b": "Llama 3 8B", "llama3.1-8b": "Llama 3.1 8B"}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--table", action="store_true", help="print the results as the README's markdown rows")
     ap.add_argument("--model", choices=list(MODELS), default="llama3-8b")
     ap.add_argument("--layout", choices=["meta", "hf"], default="meta")
     ap.add_argument("--format", action="append", choices=["executorch", "onnx", "coreml", "executorch_coreml"],
@@ -161,6 +189,9 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and bundles")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "fullsize.json"))
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())["rows"]))
+        return 0
     work = Path(args.work)
     name = f"{args.model}{f'-{args.layers}l' if args.layers else ''}-{args.layout}"
     ckpt = work / name

@@ -140,7 +140,7 @@ def convert(
 
 def convert_streamed(
     spec: ModelSpec, state: dict[str, torch.Tensor], scheme: QuantScheme, max_context: int,
-    max_seq_len: int, work: Path,
+    max_seq_len: int, work: Path, progress: Callable[[str], None] = print,
 ) -> Any:
     """Quantize while loading (torchao weight-only int4 groups, values file-backed in `work`),
     torch.export, convert: the memory-bounded route for 7B/8B (module docstring)."""
@@ -154,6 +154,7 @@ def convert_streamed(
     on_loaded = group_quantizer(weight_only(scheme), offload_dir=work)
     model = CoreMLLlama(build_model(spec, state, max_context=max_context, impl="torch",
                                     on_loaded=on_loaded)).eval()
+    progress("Core ML, streamed: tracing with torch.export")
     # torch.export specializes a mask as wide as the cache (it traces a different branch there);
     # the program's ops are the same for that width, so the range is widened after conversion
     seq = Dim("seq_len", min=1, max=min(max_seq_len, max_context - 1))
@@ -163,6 +164,7 @@ def convert_streamed(
         with torch.no_grad():
             ep = torch.export.export(model, example, dynamic_shapes=({1: seq}, {2: seq, 3: ctx}), strict=False)
             ep = ep.run_decompositions({})
+        progress("Core ML, streamed: converting with coremltools (fp16 compute, KV cache as state)")
         mlmodel = ct.convert(
             ep,
             inputs=[ct.TensorType(name="input_ids", dtype=np.int32),
@@ -245,7 +247,7 @@ def export_coreml(
         if work is not None and scheme is not None:
             progress(f"Core ML, streamed: torchao int4 groups of {scheme.group_size} block by block "
                      f"(values memory-mapped from {work}), torch.export, coremltools")
-            mlmodel = convert_streamed(spec, state, scheme, max_context, max_seq_len, work)
+            mlmodel = convert_streamed(spec, state, scheme, max_context, max_seq_len, work, progress)
             decided = {"embedding_bits": scheme.embedding_bits, "lm_head_bits": scheme.lm_head_bits,
                        "embedding_shared_with_lm_head": False, "quantizer": "torchao (streamed)"}
             timings["convert_s"] = time.perf_counter() - t
