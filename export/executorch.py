@@ -126,10 +126,49 @@ def xnnpack_blobs_on_disk(folder: Path | None) -> Iterator[None]:
             super().add_named_data(key, data, alignment, external_tag, tensor_layout)
 
     xnnpack_preprocess.NamedDataStore = SpillingNamedDataStore
+    with file_backed_constants_shared_in_deepcopy():
+        try:
+            yield
+        finally:
+            xnnpack_preprocess.NamedDataStore = base
+
+
+SHARED_IN_DEEPCOPY: list[int] = []  # bytes each lowering shared instead of copying (tests read it)
+
+
+@contextmanager
+def file_backed_constants_shared_in_deepcopy() -> Iterator[None]:
+    """Before XNNPACK's preprocess, ExecuTorch deep-copies every partition's ExportedProgram at once
+    (`BackendDetails.copy_exported_program_for_preprocess`), which copies every constant into
+    anonymous memory: one byte per parameter again for our memory-mapped 4-bit values (8 GB for
+    8B). Preprocess only reads them, so during an offloaded export the copy shares file-backed
+    tensors; the rest of the program is still copied. The hook is ExecuTorch's own, meant for
+    backends to override."""
+    import copy
+
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+    from torch.export import ExportedProgram
+
+    def sharing_copy(cls: Any, program: ExportedProgram, compile_specs: Any) -> ExportedProgram:
+        memo: dict[int, Any] = {}
+        shared = 0
+        for t in [*program.state_dict.values(), *program.constants.values()]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().filename is not None:
+                memo[id(t)] = t
+                shared += t.untyped_storage().nbytes()
+        SHARED_IN_DEEPCOPY.append(shared)
+        return copy.deepcopy(program, memo)
+
+    had_own = "copy_exported_program_for_preprocess" in XnnpackBackend.__dict__
+    real = XnnpackBackend.__dict__.get("copy_exported_program_for_preprocess")
+    XnnpackBackend.copy_exported_program_for_preprocess = classmethod(sharing_copy)  # type: ignore[method-assign, assignment]
     try:
         yield
     finally:
-        xnnpack_preprocess.NamedDataStore = base
+        if had_own:
+            XnnpackBackend.copy_exported_program_for_preprocess = real  # type: ignore[method-assign]
+        else:
+            del XnnpackBackend.copy_exported_program_for_preprocess
 
 
 def _lower(model: Llama, spec: ModelSpec, out_path: Path, max_context: int, max_seq_len: int,

@@ -123,5 +123,6 @@ def test_offloaded_export_writes_the_same_program(tmp_path, tiny_ckpt, tiny_q_pt
                offload=True)
     assert sum(moved) > 0
     assert len(spilled) >= 2 * 7  # every packed XNNPACK weight went through a file
+    assert sum(executorch_export.SHARED_IN_DEEPCOPY) > 0  # the backend's copy shared the mmap'd values
     assert out.read_bytes() == tiny_q_pte.read_bytes()
     assert [p.name for p in tmp_path.iterdir()] == ["off.pte"]
