@@ -244,7 +244,7 @@ def export_coreml(
         raise UnsupportedError("the streamed Core ML route quantizes while loading: it needs a 4-bit scheme")
     work = work_dir(out.parent, "llamaship-weights") if streamed else None
     try:
-        if work is not None and scheme is not None:
+        if streamed and scheme is not None:
             progress(f"Core ML, streamed: torchao int4 groups of {scheme.group_size} block by block "
                      f"(values memory-mapped from {work}), torch.export, coremltools")
             mlmodel = convert_streamed(spec, state, scheme, max_context, max_seq_len, work, progress)

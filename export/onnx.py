@@ -177,7 +177,7 @@ def export_onnx(
     with tempfile.TemporaryDirectory(prefix=".onnx-build-", dir=out.parent) as work:
         t = time.perf_counter()
         folder_spec = spec.replace(max_context=max_context)
-        if scheme is not None and prequant.supports(scheme, algorithm):
+        if prequant.supports(scheme, algorithm):
             progress("onnx: quantizing the linears (k-quant) into an olive checkpoint for the model builder")
             hf_dir = prequant.write_olive_folder(folder_spec, state, tokenizer, scheme, Path(work) / "hf",
                                                  progress)

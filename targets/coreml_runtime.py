@@ -49,13 +49,13 @@ def check_evaluator_memory(package: Path) -> None:
 
 
 def available_memory() -> int | None:
+    from llamaship.profiling.device import parse_meminfo_kb  # the same parser reads a phone's
+
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        kb = parse_meminfo_kb(Path("/proc/meminfo").read_text(), "MemAvailable")
     except OSError:
-        pass
-    return None
+        return None
+    return None if kb is None else kb * 1024
 
 
 class CoreMLModule:
