@@ -211,6 +211,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _, st = generate_ids(load_module(model_path, fmt), ids, args.max_new_tokens, stop_ids,
                              on_token=lambda t: None if t in stop_ids else show(tokenizer.decode([t])))
         runtime = runtime_name()
+    elif fmt == "qnn":
+        from llamaship.export.tokenizer import load_tokenizer_json, load_tokenizer_model
+        from llamaship.targets.qnn_runtime import QnnModule
+        from llamaship.targets.qnn_runtime import generate_ids as qnn_generate
+
+        if args.temperature != 0.0:
+            raise UnsupportedError("--temperature is not supported for qnn yet (greedy only)")
+        tok_path = bundle / tok["path"]
+        tokenizer = (load_tokenizer_json(tok_path, {}) if tok_path.suffix == ".json"
+                     else load_tokenizer_model(tok_path))
+        ids = ([tok["bos_id"]] if num_bos else []) + tokenizer.encode(prompt, bos=False, special=True)
+        art = next(a for a in manifest["artifacts"] if a["format"] == "qnn")
+        print("(QNN HTP simulator on x86_64: each token is a full graph call and takes seconds to minutes)",
+              file=sys.stderr)
+        new_ids, st = qnn_generate(QnnModule(bundle, art), ids, args.max_new_tokens, tuple(tok.get("stop_ids") or []))
+        show(tokenizer.decode(new_ids))
+        pre, dec = st["simulator_prefill_s"], st["simulator_decode_s"]
+        st |= {"ttft_ms": pre * 1000, "prefill_token_per_sec": len(ids) / max(pre, 1e-9),
+               "decode_token_per_sec": max(len(new_ids) - 1, 0) / max(dec, 1e-9)}
+        runtime = "QNN HTP simulator on this host (not phone speed)"
     elif fmt == "onnx":
         from llamaship.targets.onnx_runtime import generate_text
 
@@ -298,15 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "consolidated.00.pth), .gguf file, or Hub id; default: the embedded "
                     "SmolLM2-135M-Instruct GGUF")
     ex.add_argument("--out", required=True, help="bundle folder to create (must not exist)")
-    ex.add_argument("--format", action="append", choices=["executorch", "onnx", "coreml", "executorch_coreml"],
+    ex.add_argument("--format", action="append",
+                    choices=["executorch", "onnx", "coreml", "executorch_coreml", "qnn"],
                     help="artifact format(s), repeatable: executorch (.pte, XNNPACK), onnx "
                     "(onnxruntime-genai folder: model.onnx + external data + genai_config.json), coreml "
                     "(stateful .mlpackage, iOS 18 / macOS 15, int4 per-block weights with a zero point, fp16 compute; "
                     "validated on Linux by the MIL reference evaluator), executorch_coreml (model_coreml.pte: "
                     "the ExecuTorch Core ML delegate, one Core ML program with the KV cache as state, driven "
                     "like the XNNPACK .pte; int4 weight-only groups, fp16; needs an ExecuTorch build with "
-                    "Core ML state support; validated through its extracted program); default: every format the "
-                    "--target profiles list (x86_emulator: executorch + onnx; apple: coreml + executorch)")
+                    "Core ML state support; validated through its extracted program), qnn (Snapdragon NPU: "
+                    "qnn/model_ctx.onnx + its QNN context binary for the profile's soc_model, w4a16: 4-bit LPBQ "
+                    "weights, 16-bit activations calibrated on WikiText-2 validation text; validated on the QNN "
+                    "HTP simulator of onnxruntime-qnn, Linux x86_64 only); default: every format the --target "
+                    "profiles list (x86_emulator: executorch + onnx; apple: coreml + executorch; qualcomm: "
+                    "executorch + qnn)")
     ex.add_argument("--quant", choices=["8da4w", "8da8w", "fp32"], default="8da4w",
                     help="linear layers: int8 dynamic activations x int4 (default) or int8 "
                     "weights per group, or fp32")
@@ -361,11 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="wrap the prompt in the model's chat template as a user turn")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--format", choices=["executorch", "onnx", "coreml", "executorch_coreml"], default=None,
+    gen.add_argument("--format", choices=["executorch", "onnx", "coreml", "executorch_coreml", "qnn"], default=None,
                      help="which artifact to run (default: the bundle's first): executorch runs the .pte "
                      "on ExecuTorch's C++ runner, onnx the ONNX folder on onnxruntime-genai, coreml the "
                      ".mlpackage on Core ML (macOS) or the NumPy MIL reference evaluator (slow; elsewhere), "
-                     "executorch_coreml the Core ML program inside model_coreml.pte the same way")
+                     "executorch_coreml the Core ML program inside model_coreml.pte the same way, qnn the NPU "
+                     "context binary on the QNN HTP simulator (slow: ~35 s per call for SmolLM2)")
     gen.add_argument("--json", action="store_true", help="print stats as one JSON line")
     gen.add_argument("--no-verify", action="store_true",
                      help="skip re-checking every file's sha256 before loading (faster on multi-GB bundles)")

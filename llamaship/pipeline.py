@@ -18,8 +18,10 @@ from llamaship.quantize.scheme import QuantScheme
 from llamaship.targets.speed import peak_rss_mb
 
 SMOKE_PROMPT = "The capital of France is"
-FORMATS = ("executorch", "onnx", "coreml", "executorch_coreml")
+FORMATS = ("executorch", "onnx", "coreml", "executorch_coreml", "qnn")
 ONNX_DIR = "onnx"
+QNN_DIR = "qnn"
+QNN_SMOKE_TOKENS = 4  # each token is one full prompt-chunk call on the HTP simulator (~35 s for SmolLM2)
 COREML_PACKAGE = "model.mlpackage"
 COREML_PTE = "model_coreml.pte"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -196,6 +198,26 @@ def export_bundle(
                          "support (pytorch/executorch issue 21855: the pip macOS pybind runtime is not)",
                 "quantization": res["quantization"],
             })
+        if "qnn" in formats:
+            from llamaship.export.qnn import AR, export_qnn
+            from llamaship.export.qnn import scheme_name as qnn_scheme_name
+
+            soc_model, htp_arch = qnn_target(profiles)
+            res = export_qnn(spec, ckpt.state, ckpt.tokenizer, scheme, tmp / QNN_DIR, max_context=max_context,
+                             soc_model=soc_model, progress=progress)
+            timings |= {f"qnn_{k}": round(v, 2) for k, v in res["timings"].items()}
+            cfg = res["config"]
+            artifacts.append({
+                "format": "qnn", "path": f"{QNN_DIR}/{cfg['model']}", "folder": QNN_DIR,
+                "external_data": f"{QNN_DIR}/{cfg['context_binaries'][0]}",
+                "config": f"{QNN_DIR}/qnn_config.json", "scheme": qnn_scheme_name(scheme),
+                "backend": f"QNN HTP (Hexagon {htp_arch}, {soc_model}) through onnxruntime-qnn's EP context",
+                "soc_model": soc_model, "htp_arch": htp_arch, "max_context": max_context, "max_seq_len": AR,
+                "inputs": cfg["inputs"], "outputs": cfg["outputs"], "usage": cfg["usage"],
+                "quantization": res["quantization"],
+                "reload_check": "the context binary reloaded in a fresh onnxruntime-qnn session gave the "
+                                "compile session's outputs bit for bit (one prompt chunk)",
+            })
         tok_file = ckpt.tokenizer.write_runner_file(tmp)
         smoke: dict[str, Any] | None = None
         if smoke_prompt:
@@ -241,10 +263,31 @@ def check_formats(formats: tuple[str, ...], scheme: QuantScheme | None, onnx_acc
         if fmt in formats and scheme is not None and scheme.bits != 4:
             raise UnsupportedError(f"--format {fmt} stores 4-bit per-block weights; {scheme.name} is not "
                                    "supported (use --quant 8da4w or fp32)")
+    if "qnn" in formats:
+        from llamaship.targets.qnn_runtime import available
+
+        if scheme is None or scheme.bits != 4:
+            raise UnsupportedError("--format qnn is w4a16 (4-bit LPBQ weights, 16-bit activations): "
+                                   "not available with fp32 or 8-bit weights")
+        if not available():
+            raise UnsupportedError("--format qnn needs onnxruntime-qnn (Linux x86_64 or Windows): "
+                                   "`pip install onnxruntime-qnn==2.7.0`")
     if "onnx" in formats:
         from llamaship.export.onnx import builder_options
 
         builder_options(scheme, onnx_accuracy_level, onnx_algorithm)
+
+
+def qnn_target(profiles: list[Any]) -> tuple[str, str]:
+    """The SoC the NPU graph is compiled for: the first profile that names one (8 Gen 3 otherwise)."""
+    from llamaship.export.qnn import SOC_MODELS
+
+    for p in profiles:
+        if "soc_model" in p.extra:
+            soc = str(p.extra["soc_model"])
+            arch = str(p.extra.get("htp_arch") or next((a for a, s in SOC_MODELS.items() if s == soc), "?"))
+            return soc, arch
+    return SOC_MODELS["v75"], "v75"
 
 
 def smoke_test(art: dict[str, Any], folder: Path, tok_file: Path, ckpt: Any, prompt: str, n_tokens: int,
@@ -271,6 +314,14 @@ def smoke_test(art: dict[str, Any], folder: Path, tok_file: Path, ckpt: Any, pro
             return {"runtime": runtime_name(), "prompt": prompt, "skipped": str(exc)}
         new, stats = generate_ids(module, ids, n_tokens, spec.stop_ids)
         return {"runtime": runtime_name(), "prompt": prompt, "text": ckpt.tokenizer.decode(new), "stats": stats}
+    if art["format"] == "qnn":
+        from llamaship.targets.qnn_runtime import QnnModule, generate_ids
+
+        n = min(n_tokens, QNN_SMOKE_TOKENS)
+        progress(f"smoke test of {art['path']}: QNN HTP simulator, prompt {prompt!r}, {n} tokens")
+        new_ids, stats = generate_ids(QnnModule(folder, art), ckpt.tokenizer.encode(prompt), n, spec.stop_ids)
+        return {"runtime": "onnxruntime-qnn, QNN HTP backend (x86_64 simulator)", "prompt": prompt,
+                "text": ckpt.tokenizer.decode(new_ids), "stats": stats}
     from llamaship.targets.onnx_runtime import generate_text
 
     progress(f"smoke test: onnxruntime-genai on this host, prompt {prompt!r}")

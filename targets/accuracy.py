@@ -201,3 +201,21 @@ def evaluate_reference_self(eval_slice: EvalSlice, reference: np.ndarray) -> flo
         nll += float(-lp.gather(1, targets[:, None]).sum())
         n += len(targets)
     return math.exp(nll / n)
+
+
+def evaluate_chunked(
+    forward: Callable[[list[int], int], torch.Tensor],
+    eval_slice: EvalSlice,
+    reference: np.ndarray,
+    progress: Callable[[str], None] = print,
+) -> Accuracy:
+    """`forward(tokens, 0) -> logits [n, V]` takes a whole window at once: for static-shape graphs
+    (the HTP's fixed prompt chunks), where one call per token would run the full chunk each time."""
+    acc = _Accumulator()
+    s = eval_slice.first_scored
+    for w, window in enumerate(eval_slice.windows()):
+        logits = forward(window[:-1], 0)[s:]
+        targets = torch.tensor(window[s + 1 :])
+        acc.add(logits, torch.from_numpy(np.array(reference[w], dtype=np.float32)), targets)
+        progress(f"artifact: window {w + 1}/{eval_slice.n_windows}")
+    return acc.result(eval_slice)

@@ -31,6 +31,7 @@ class Profile:
     gates: dict[str, float] = field(default_factory=dict)
     eval_tokens: int = 32768
     eval_window: int = 512
+    npu_eval_tokens: int = 1024  # the NPU graph runs on a simulator here: a short slice of its own
     extra: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     also_validates: tuple[str, ...] = ()  # opt-in formats (--format) gated by this profile when present
@@ -67,6 +68,7 @@ def load_profile(name_or_path: str) -> Profile:
             gates={k: float(v) for k, v in data.get("gates", {}).items()},
             eval_tokens=int(data.get("eval", {}).get("tokens", 32768)),
             eval_window=int(data.get("eval", {}).get("window", 512)),
+            npu_eval_tokens=int(data.get("eval", {}).get("npu_tokens", 1024)),
             extra={k: v for k, v in data.items() if k in ("soc_model", "htp_arch")},
             source=str(path),
             also_validates=tuple(data.get("also_validates", [])),

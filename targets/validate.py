@@ -24,7 +24,8 @@ SPEED_GEN_TOKENS = 128
 RUNTIMES = {"executorch": "ExecuTorch's runtime", "onnx": "onnxruntime (CPU EP)",
             "coreml": "Core ML on macOS, else the MIL reference evaluator (NumPy)",
             "executorch_coreml": "its Core ML program (extracted from the .pte) on Core ML on macOS, else "
-                                 "the MIL reference evaluator (NumPy)"}
+                                 "the MIL reference evaluator (NumPy)",
+            "qnn": "onnxruntime-qnn on the QNN HTP backend (its x86_64 simulator here)"}
 APPLE_ONLY = ("coreml", "executorch_coreml")
 
 
@@ -45,6 +46,10 @@ def _load_module(folder: Path, art: dict[str, Any]) -> Any:
         from llamaship.targets.coreml_runtime import load_module
 
         return load_module(folder / art["path"], art["format"])
+    if art["format"] == "qnn":
+        from llamaship.targets.qnn_runtime import QnnModule
+
+        return QnnModule(folder, art)
     if art["format"] == "onnx":
         from llamaship.targets.onnx_runtime import OnnxModule
 
@@ -67,6 +72,28 @@ def _speed(folder: Path, art: dict[str, Any], manifest: dict[str, Any], ckpt: Ch
                      num_bos=1 if spec.add_bos and spec.bos_id is not None else 0)
 
 
+def _npu_accuracy(ckpt: Checkpoint, folder: Path, manifest: dict[str, Any], art: dict[str, Any], module: Any,
+                  profiles: list[Profile], progress: Callable[[str], None]) -> dict[str, Any]:
+    """The NPU graph on the HTP simulator, scored on a short slice (one prompt chunk takes ~35 s for
+    SmolLM2 there): windows of two chunks, the second chunk scored with the first in the cache. The
+    bundle's XNNPACK .pte is scored on the same slice, so the gate can compare the two."""
+    chunk = art["max_seq_len"]
+    n_tokens = min(p.npu_eval_tokens for p in profiles)
+    npu_slice = accuracy.make_slice(ckpt.tokenizer, n_tokens, 2 * chunk)
+    progress(f"NPU accuracy slice: {npu_slice.describe()} (HTP simulator: ~{npu_slice.n_windows * 2} chunk calls)")
+    ref_model = build_model(ckpt.spec, ckpt.state, max_context=npu_slice.window, impl="torch", full_logits=True)
+    reference = accuracy.reference_logprobs(ref_model, npu_slice, ckpt.sha256(), progress)
+    del ref_model
+    acc = accuracy.evaluate_chunked(module.forward, npu_slice, reference, progress).to_json()
+    cpu = next((a for a in manifest.get("artifacts", []) if a["format"] == "executorch"), None)
+    if cpu is not None and cpu["max_context"] >= npu_slice.window:
+        progress(f"accuracy of {cpu['path']} on the NPU slice, for the NPU/CPU comparison")
+        cpu_acc = accuracy.evaluate_stepwise(_load_module(folder, cpu).forward, npu_slice, reference, progress)
+        acc["cpu_artifact"] = {"path": cpu["path"], **cpu_acc.to_json()}
+        acc["kld_ratio_vs_cpu"] = acc["mean_kld"] / max(cpu_acc.mean_kld, 1e-9)
+    return acc
+
+
 def scheme_from_manifest(quant: dict[str, Any]) -> QuantScheme | None:
     if quant.get("name") == "fp32":
         return None
@@ -84,6 +111,7 @@ def check_gates(profile: Profile, acc: dict[str, Any] | None, speed_tok_s: float
         "max_ppl_ratio": acc and acc["ppl_ratio"],
         "min_decode_tok_s": speed_tok_s,
         "min_predicted_decode_tok_s": predicted_tok_s,
+        "max_kld_ratio_vs_cpu": acc and acc.get("kld_ratio_vs_cpu"),
     }
     gates = []
     for name, limit in profile.gates.items():
@@ -111,8 +139,8 @@ def validate(
     spec = ckpt.spec
     scheme = scheme_from_manifest(manifest.get("quant", {}))
     artifacts = [a for a in manifest.get("artifacts", []) if a["format"] in RUNTIMES]
-    # windows must fit the artifact's KV cache
-    window = min([p.eval_window for p in profiles] + [a["max_context"] for a in artifacts])
+    # windows must fit the artifact's KV cache (the NPU graph is scored on a slice of its own)
+    window = min([p.eval_window for p in profiles] + [a["max_context"] for a in artifacts if a["format"] != "qnn"])
     n_tokens = eval_tokens or max(p.eval_tokens for p in profiles)
     eval_slice = accuracy.make_slice(ckpt.tokenizer, n_tokens, window)
     progress(f"accuracy slice: {eval_slice.describe()}")
@@ -125,12 +153,18 @@ def validate(
     for art in artifacts:
         progress(f"accuracy of {art['path']} on {RUNTIMES[art['format']]} (token by token, KV cache)")
         module = _load_module(folder, art)
-        acc = accuracy.evaluate_stepwise(module.forward, eval_slice, reference, progress).to_json()
+        if art["format"] == "qnn":
+            acc = _npu_accuracy(ckpt, folder, manifest, art, module, profiles, progress)
+        else:
+            acc = accuracy.evaluate_stepwise(module.forward, eval_slice, reference, progress).to_json()
         del module
         speed = None
         if art["format"] in APPLE_ONLY:
             progress(f"speed of {art['path']}: not measured (no Apple hardware here); the Apple "
                      "profile reports the bandwidth roofline")
+        elif art["format"] == "qnn":
+            progress(f"speed of {art['path']}: not measured (the HTP here is a simulator); the Qualcomm "
+                     "profile reports the bandwidth roofline, and profiling/ measures it on a phone")
         elif measure_speed and any(p.measured_here for p in profiles):
             # 128 + 128 tokens, or what the artifact's context allows
             n_prompt = min(SPEED_PROMPT_TOKENS, art["max_context"] // 2)
