@@ -89,9 +89,10 @@ def calibration_feeds(run: Callable[[dict[str, np.ndarray]], list[np.ndarray]], 
 
 
 def quantize_w4a16(float_model: Path, qdq_model: Path, feeds: Iterator[dict[str, np.ndarray]],
-                   scheme: QuantScheme) -> dict[str, Any]:
+                   scheme: QuantScheme, linears: str = "lpbq") -> dict[str, Any]:
     """uint16 activations from calibration; linear weights int8 per channel first (onnxruntime's
-    QNN quantizer), then the block linears' weights swapped for 4-bit LPBQ."""
+    QNN quantizer), then the block linears' weights swapped for 4-bit LPBQ. `linears` "int8" or
+    "int4_channel" stop short of that (the error table's ablations)."""
     import onnx
     from onnx import numpy_helper
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
@@ -119,8 +120,10 @@ def quantize_w4a16(float_model: Path, qdq_model: Path, feeds: Iterator[dict[str,
     if len(head) != 1 or len(embedding) != 1:
         raise ExportError(f"{float_model}: expected one lm_head MatMul and one embedding Gather, found "
                           f"{len(head)} and {len(embedding)}")
+    linear_type = QuantType.QInt4 if linears == "int4_channel" else QuantType.QInt8
     overrides: dict[str, list[dict[str, Any]]] = {
-        w: [{"quant_type": QuantType.QInt8, "axis": 1, "symmetric": True}] for w in [*block_linears, *head]}
+        w: [{"quant_type": linear_type, "axis": 1, "symmetric": True}] for w in block_linears}
+    overrides[head[0]] = [{"quant_type": QuantType.QInt8, "axis": 1, "symmetric": True}]
     overrides[embedding[0]] = [{"quant_type": QuantType.QUInt16}]
     reader = Reader()
     config = get_qnn_qdq_config(str(float_model), reader, activation_type=QuantType.QUInt16,
@@ -128,15 +131,21 @@ def quantize_w4a16(float_model: Path, qdq_model: Path, feeds: Iterator[dict[str,
     config.use_external_data_format = True
     quantize(str(float_model), str(qdq_model), config)
 
-    float_weights = {i.name: i for i in onnx.load(str(float_model)).graph.initializer if i.name in block_linears}
-    model = onnx.load(str(qdq_model))
+    described = {"activations": "uint16 per tensor (calibrated min/max)",
+                 "linears": f"int4 LPBQ, block {scheme.group_size} (4-bit block scales x fp32 channel scale)",
+                 "lm_head": "int8 per channel" if scheme.lm_head_bits == 8 else f"int4 LPBQ, block {scheme.group_size}",
+                 "embedding": "uint16 per tensor", "n_block_linears": len(block_linears),
+                 "calibration": f"{reader.count} chunks of {AR} tokens of {CALIB_FILE}"}
+    if linears != "lpbq":
+        return described | {"linears": f"{linears} per channel", "lm_head": "int8 per channel"}
     swap = set(block_linears) if scheme.lm_head_bits == 8 else set(block_linears) | set(head)
+    float_weights = {i.name: i for i in onnx.load(str(float_model)).graph.initializer if i.name in swap}
+    model = onnx.load(str(qdq_model))
     nodes, dropped = [], set()
     for node in model.graph.node:
         w = node.input[0].removesuffix("_quantized") if node.op_type == "DequantizeLinear" else ""
         if w in swap:
-            tensor = float_weights[w] if w in float_weights else next(
-                i for i in onnx.load(str(float_model)).graph.initializer if i.name == w)
+            tensor = float_weights[w]
             prefix = (block_linears.get(w) or "/lm_head").strip("/").replace("/", "_")
             new_nodes, new_inits = lpbq_nodes(prefix, numpy_helper.to_array(tensor), scheme.group_size,
                                               node.output[0])
@@ -156,11 +165,19 @@ def quantize_w4a16(float_model: Path, qdq_model: Path, feeds: Iterator[dict[str,
         stale.unlink()
     onnx.save(model, str(qdq_model), save_as_external_data=True, all_tensors_to_one_file=True,
               location=qdq_model.name + ".data", size_threshold=1024)
-    return {"activations": "uint16 per tensor (calibrated min/max)",
-            "linears": f"int4 LPBQ, block {scheme.group_size} (4-bit block scales x fp32 channel scale)",
-            "lm_head": "int8 per channel" if scheme.lm_head_bits == 8 else f"int4 LPBQ, block {scheme.group_size}",
-            "embedding": "uint16 per tensor", "n_block_linears": len(block_linears),
-            "calibration": f"{reader.count} chunks of {AR} tokens of {CALIB_FILE}"}
+    return described
+
+
+def compile_and_check(qdq_model: Path, ctx_model: Path, soc_model: str,
+                      feed: dict[str, np.ndarray]) -> tuple[bool, float]:
+    """Compile the context binary, run `feed` on the compile session and on a fresh session of the
+    saved context model: (bit-identical?, max |difference|). Runs in a child process (in_child)."""
+    from llamaship.targets.qnn_runtime import compile_context, htp_session
+
+    first = compile_context(qdq_model, ctx_model, soc_model).run(None, feed)
+    again = htp_session(ctx_model, soc_model).run(None, feed)
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(first, again, strict=True))
+    return diff == 0.0 and all(np.array_equal(a, b) for a, b in zip(first, again, strict=True)), diff
 
 
 def export_qnn(
@@ -178,7 +195,7 @@ def export_qnn(
     cache size the graph is compiled for (past slots = max_context - 128)."""
     import onnxruntime as ort
 
-    from llamaship.targets.qnn_runtime import compile_context, htp_session
+    from llamaship.targets.qnn_runtime import in_child
 
     check_scheme(scheme, spec)
     if max_context < 2 * AR:
@@ -207,28 +224,18 @@ def export_qnn(
         timings["quantize"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        progress(f"qnn: compiling the context binary for the HTP of {soc_model} (simulator backend)")
         ctx_model = out_dir / CTX_MODEL
         for stale in (ctx_model, *out_dir.glob("*_qnn.bin")):  # the EP refuses to overwrite
             stale.unlink(missing_ok=True)
+        progress(f"qnn: compiling the context binary for the HTP of {soc_model} (simulator backend), then the "
+                 "reload check: one prompt chunk on the compile session and on a fresh one (~1-2 min)")
         try:
-            session = compile_context(work / "qdq.onnx", ctx_model, soc_model)
+            identical, diff = in_child(compile_and_check, work / "qdq.onnx", ctx_model, soc_model, first_feed)
         except RuntimeFailure as e:
             raise ExportError(f"compiling for the {soc_model} HTP failed: {e}") from e
-        timings["compile"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        progress("qnn: reload check: the context binary in a fresh session vs the compile session "
-                 "(one prompt chunk on the simulator, twice)")
-        feed = first_feed
-        first = session.run(None, feed)
-        del session
-        again = htp_session(ctx_model, soc_model).run(None, feed)
-        identical = all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
         if not identical:
-            diff = max(float(np.abs(a - b).max()) for a, b in zip(first, again, strict=True))
             raise ExportError(f"{ctx_model}: reloaded context binary gives different outputs (max |diff| {diff})")
-        timings["reload_check"] = time.perf_counter() - t
+        timings["compile_and_reload_check"] = time.perf_counter() - t
     finally:
         import shutil
 
@@ -260,4 +267,4 @@ def export_qnn(
                  f"chunks of {AR}, then each new token as a chunk of 1 real token (padded)",
     }
     (out_dir / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    return {"timings": timings, "quantization": quant, "config": config, "reload_identical": identical}
+    return {"timings": timings, "quantization": quant, "config": config, "reload_identical": True}

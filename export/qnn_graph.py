@@ -48,13 +48,15 @@ def rms_norm_prescaled(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class StaticLlama(nn.Module):
     """Wraps a built `Llama`: same weights, app-owned cache, fixed shapes (see module docstring)."""
 
-    def __init__(self, model: Llama, ar: int, ctx: int) -> None:
+    def __init__(self, model: Llama, ar: int, ctx: int, plain_norm: bool = False) -> None:
+        """`plain_norm` keeps the module's own RMSNorm: only the error table uses it, to show why not."""
         super().__init__()
         spec = model.spec
         if not 1 <= ar < ctx:
             raise ValueError(f"ar {ar} must be in [1, ctx={ctx})")
         self.model, self.spec, self.ar, self.ctx = model, spec, ar, ctx
-        self.blocks = nn.ModuleList(_StaticBlock(layer, spec, ar) for layer in model.layers)
+        self.norm = (lambda n, x: n(x)) if plain_norm else rms_norm_prescaled
+        self.blocks = nn.ModuleList(_StaticBlock(layer, spec, ar, self.norm) for layer in model.layers)
         self.register_buffer("cos", model.rope_cos[:ctx].clone(), persistent=False)
         self.register_buffer("sin", model.rope_sin[:ctx].clone(), persistent=False)
 
@@ -75,22 +77,23 @@ class StaticLlama(nn.Module):
             h, k, v = block(h, cos, sin, attention_mask, past_keys[i], past_values[i])
             new_keys.append(k)
             new_values.append(v)
-        logits = m.output(rms_norm_prescaled(m.norm, h))
+        logits = m.output(self.norm(m.norm, h))
         return logits, torch.stack(new_keys), torch.stack(new_values)
 
 
 class _StaticBlock(nn.Module):
     """One transformer block; a module of its own so every exported node name says its layer."""
 
-    def __init__(self, layer: nn.Module, spec: ModelSpec, ar: int) -> None:
+    def __init__(self, layer: nn.Module, spec: ModelSpec, ar: int,
+                 norm: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
-        self.layer, self.spec, self.ar = layer, spec, ar
+        self.layer, self.spec, self.ar, self.norm = layer, spec, ar, norm
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention_mask: torch.Tensor,
                 past_k: torch.Tensor, past_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s, t, att = self.spec, self.ar, self.layer.attention
         kvh, group, hd = s.n_kv_heads, s.n_heads // s.n_kv_heads, s.head_dim
-        x = rms_norm_prescaled(self.layer.attention_norm, h)
+        x = self.norm(self.layer.attention_norm, h)
         q = _rope(att.wq(x).view(1, t, s.n_heads, hd), cos, sin)
         k = _rope(att.wk(x).view(1, t, kvh, hd), cos, sin)
         v = att.wv(x).view(1, t, kvh, hd)
@@ -101,7 +104,7 @@ class _StaticBlock(nn.Module):
         scores = qg @ keys.transpose(-1, -2) * hd**-0.5 + attention_mask[0]  # [kvh, group, T, ctx]
         y = (scores.softmax(-1) @ values).permute(2, 0, 1, 3).reshape(1, t, s.n_heads * hd)
         h = h + att.wo(y)
-        h = h + self.layer.feed_forward(rms_norm_prescaled(self.layer.ffn_norm, h))
+        h = h + self.layer.feed_forward(self.norm(self.layer.ffn_norm, h))
         return h, k, v
 
 

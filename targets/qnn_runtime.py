@@ -4,14 +4,26 @@ Why the plugin-EP registration and `disable_cpu_ep_fallback`: onnxruntime-qnn 2.
 execution provider. The classic `providers=["QNNExecutionProvider"]` finds nothing and silently runs
 every node on the CPU EP; with the fallback disabled, a graph the HTP cannot run fully fails to load
 instead of passing validation on the CPU.
+
+Why every HTP session lives in a child process (`QnnModule`, `in_child`): once the QNN libraries
+are loaded, ExecuTorch's LLM runner crashed in the same process (a segfault in _llm_runner during
+the .pte smoke test of a SmolLM2 Qualcomm export), and the simulator itself can crash. In a
+spawned child, a crash becomes a RuntimeFailure naming its exit code, and the rest of the export
+and its other runtimes never share an address space with the QNN libraries.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from llamaship.errors import LlamashipError, RuntimeFailure
+
+T = TypeVar("T")
 
 EP = "QNNExecutionProvider"
 _registered = False
@@ -72,28 +84,97 @@ def htp_session(model: Path, soc_model: str, config: dict[str, str] | None = Non
 def compile_context(model: Path, ctx_model: Path, soc_model: str) -> Any:
     """Compile `model` for the HTP of `soc_model` into `ctx_model` (an EPContext node) plus
     `<stem>_qnn.bin` beside it (the QNN context binary the phone loads). Returns the session."""
+    ctx_model.parent.mkdir(parents=True, exist_ok=True)
     return htp_session(model, soc_model, config={
         "ep.context_enable": "1", "ep.context_file_path": str(ctx_model), "ep.context_embed_mode": "0",
     })
 
 
+def in_child(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) in a freshly spawned process (see the module docstring); its errors come back."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool as e:
+            raise RuntimeFailure(f"the QNN HTP simulator process died while running {fn.__name__}") from e
+
+
+def check_loads(model: Path, soc_model: str) -> None:
+    """Raise RuntimeFailure unless `model` loads with every node on the HTP."""
+    htp_session(model, soc_model)
+
+
+def _serve(conn: Any, folder: str, art: dict[str, Any]) -> None:
+    """The child of a QnnModule: holds the session and the app-side cache, answers forward calls."""
+    import json
+
+    from llamaship.export.qnn_graph import StaticCacheRunner
+
+    try:
+        cfg = json.loads((Path(folder) / art["config"]).read_text())
+        session = htp_session(Path(folder) / art["path"], cfg["soc_model"])
+        runner = StaticCacheRunner(lambda f: session.run(None, f), cfg["prompt_chunk"], cfg["context"],
+                                   cfg["n_layers"], cfg["n_kv_heads"], cfg["head_dim"])
+        conn.send(("ok", cfg))
+    except Exception as e:  # reported to the parent, which raises it
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    while True:
+        msg = conn.recv()
+        if msg[0] == "close":
+            return
+        try:
+            conn.send(("ok", runner.forward(msg[1], msg[2]).numpy()))
+        except Exception as e:
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
 class QnnModule:
-    """A bundle's NPU artifact on the HTP (simulated here), driven the way an app drives it."""
+    """A bundle's NPU artifact on the HTP (simulated here), driven the way an app drives it, in a
+    child process of its own."""
 
     def __init__(self, folder: Path, art: dict[str, Any]) -> None:
-        import json
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, str(folder), art), daemon=True)
+        self._proc.start()
+        child.close()
+        self.config = self._call(None)
 
-        from llamaship.export.qnn_graph import StaticCacheRunner
-
-        cfg = json.loads((folder / art["config"]).read_text())
-        self.config = cfg
-        self.session = htp_session(folder / art["path"], cfg["soc_model"])
-        self.runner = StaticCacheRunner(lambda f: self.session.run(None, f), cfg["prompt_chunk"], cfg["context"],
-                                        cfg["n_layers"], cfg["n_kv_heads"], cfg["head_dim"])
+    def _call(self, msg: tuple | None) -> Any:
+        try:
+            if msg is not None:
+                self._conn.send(msg)
+            status, payload = self._conn.recv()
+        except (EOFError, BrokenPipeError, ConnectionResetError) as e:
+            self._proc.join(5)
+            raise RuntimeFailure(f"the QNN HTP simulator process died (exit code {self._proc.exitcode})") from e
+        if status != "ok":
+            raise RuntimeFailure(f"QNN HTP: {payload}")
+        return payload
 
     def forward(self, tokens: list[int], start_pos: int) -> Any:
         """Logits [len(tokens), vocab] of every token (one graph call per chunk)."""
-        return self.runner.forward(tokens, start_pos)
+        import torch
+
+        return torch.from_numpy(self._call(("forward", list(tokens), start_pos)))
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            try:
+                self._conn.send(("close",))
+            except (BrokenPipeError, OSError):
+                pass
+            self._proc.join(10)
+            if self._proc.is_alive():
+                self._proc.kill()
+        self._conn.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 def generate_ids(module: QnnModule, prompt: list[int], n_tokens: int, stop_ids: tuple[int, ...] | list[int],

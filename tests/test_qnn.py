@@ -21,7 +21,7 @@ from llamaship.export.qnn_graph import StaticCacheRunner, StaticLlama, export_fl
 from llamaship.export.qnn_lpbq import lpbq_dequantize, lpbq_nodes, lpbq_quantize
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.targets import qnn_runtime
-from llamaship.targets.qnn_runtime import QnnModule, generate_ids, htp_session
+from llamaship.targets.qnn_runtime import QnnModule, check_loads, generate_ids, in_child
 
 pytestmark = pytest.mark.skipif(not qnn_runtime.available(), reason="onnxruntime-qnn (Linux x86_64) not installed")
 CTX = 256  # two prompt chunks of 128
@@ -203,7 +203,7 @@ def test_htp_refuses_a_graph_it_cannot_run(tmp_path):
     path = tmp_path / "det.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     with pytest.raises(RuntimeFailure, match="det.onnx"):
-        htp_session(path, "SM8650")
+        in_child(check_loads, path, "SM8650")
 
 
 def test_qnn_refuses_schemes_it_cannot_hold(tiny_ckpt):
@@ -270,3 +270,10 @@ def test_qualcomm_bundle_ships_and_gates_the_npu_artifact(tmp_path, gguf_path):
     assert set(gates) >= {"max_kld", "max_kld_ratio_vs_cpu", "ram_budget"}
     assert target["passed"] == all(g["passed"] for g in gates.values())
     assert gates["max_kld"]["value"] == pytest.approx(acc["mean_kld"], abs=1e-4)
+
+
+def test_a_crashing_htp_process_is_a_clear_error():
+    import os
+
+    with pytest.raises(RuntimeFailure, match="process died"):
+        in_child(os.abort)
