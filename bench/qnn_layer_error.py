@@ -91,12 +91,36 @@ def sqnr_table(float_model: Path, feeds: list[dict[str, np.ndarray]], probe: dic
     return table
 
 
+def print_tables(results: dict) -> None:
+    """Markdown: worst 16-bit SQNR per layer (which tensor), plain vs prescaled norm; then the
+    end-to-end rows."""
+    plain, pre = results["sqnr"].get("plain", {}), results["sqnr"].get("prescaled", {})
+
+    def worst(table: dict, layer: int) -> tuple[float, str]:
+        return min(((r[1], cat) for cat, rows in table.items() for r in rows if r[0] == layer), default=(0, "-"))
+
+    layers = sorted({r[0] for rows in plain.values() for r in rows})
+    print("| layer | worst 16-bit SQNR, plain RMSNorm | worst, prescaled RMSNorm (shipped) |")
+    print("| --- | --- | --- |")
+    for layer in layers:
+        (a, ca), (b, cb) = worst(plain, layer), worst(pre, layer)
+        print(f"| {layer} | {a:.1f} dB ({ca}) | {b:.1f} dB ({cb}) |")
+    print("\n| variant | runtime | KLD | top-1 | PPL (fp32 " + f"{results['rows'][0]['ref_ppl']:.2f}" + ") |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in results["rows"]:
+        print(f"| {r['variant']} | {r['runtime']} | {r['kld']:.4f} | {r['top1']:.3f} | {r['ppl']:.2f} |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--context", type=int, default=512, help="graph context (default 512)")
     ap.add_argument("--eval-tokens", type=int, default=512, help="test-slice tokens, windows of 256 (default 512)")
     ap.add_argument("--htp", action="store_true", help="also compile the shipped row and run it on the HTP simulator")
+    ap.add_argument("--table", action="store_true", help="only print the Markdown tables of the last results")
     args = ap.parse_args()
+    if args.table:
+        print_tables(json.loads(RESULTS.read_text()))
+        return 0
     torch.set_num_threads(2)
     ckpt = load_checkpoint(default_model())
     spec, ctx = ckpt.spec, args.context
@@ -177,6 +201,7 @@ def main() -> int:
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nwritten {RESULTS}")
+    print_tables(results)
     return 0
 
 
