@@ -225,7 +225,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         art = next(a for a in manifest["artifacts"] if a["format"] == "qnn")
         print("(QNN HTP simulator on x86_64: each token is a full graph call and takes seconds to minutes)",
               file=sys.stderr)
-        new_ids, st = qnn_generate(QnnModule(bundle, art), ids, args.max_new_tokens, tuple(tok.get("stop_ids") or []))
+        with QnnModule(bundle, art) as module:
+            new_ids, st = qnn_generate(module, ids, args.max_new_tokens, tuple(tok.get("stop_ids") or []))
         show(tokenizer.decode(new_ids))
         pre, dec = st["simulator_prefill_s"], st["simulator_decode_s"]
         st |= {"ttft_ms": pre * 1000, "prefill_token_per_sec": len(ids) / max(pre, 1e-9),

@@ -319,7 +319,8 @@ def smoke_test(art: dict[str, Any], folder: Path, tok_file: Path, ckpt: Any, pro
 
         n = min(n_tokens, QNN_SMOKE_TOKENS)
         progress(f"smoke test of {art['path']}: QNN HTP simulator, prompt {prompt!r}, {n} tokens")
-        new_ids, stats = generate_ids(QnnModule(folder, art), ckpt.tokenizer.encode(prompt), n, spec.stop_ids)
+        with QnnModule(folder, art) as module:
+            new_ids, stats = generate_ids(module, ckpt.tokenizer.encode(prompt), n, spec.stop_ids)
         return {"runtime": "onnxruntime-qnn, QNN HTP backend (x86_64 simulator)", "prompt": prompt,
                 "text": ckpt.tokenizer.decode(new_ids), "stats": stats}
     from llamaship.targets.onnx_runtime import generate_text

@@ -170,6 +170,12 @@ class QnnModule:
                 self._proc.kill()
         self._conn.close()
 
+    def __enter__(self) -> QnnModule:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def __del__(self) -> None:
         try:
             self.close()

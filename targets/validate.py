@@ -157,6 +157,8 @@ def validate(
             acc = _npu_accuracy(ckpt, folder, manifest, art, module, profiles, progress)
         else:
             acc = accuracy.evaluate_stepwise(module.forward, eval_slice, reference, progress).to_json()
+        if hasattr(module, "close"):
+            module.close()  # the QNN module's child process
         del module
         speed = None
         if art["format"] in APPLE_ONLY:
