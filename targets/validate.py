@@ -151,7 +151,8 @@ def validate(
 
     results: list[dict[str, Any]] = []
     for art in artifacts:
-        progress(f"accuracy of {art['path']} on {RUNTIMES[art['format']]} (token by token, KV cache)")
+        how = "prompt chunks, app-side cache" if art["format"] == "qnn" else "token by token, KV cache"
+        progress(f"accuracy of {art['path']} on {RUNTIMES[art['format']]} ({how})")
         module = _load_module(folder, art)
         if art["format"] == "qnn":
             acc = _npu_accuracy(ckpt, folder, manifest, art, module, profiles, progress)
