@@ -37,6 +37,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{_fmt(acc.get('top1_agreement'))} | {_fmt(acc.get('rms_dp'), 4)} | {med('prefill_tok_s')} | "
             f"{med('decode_tok_s')} | {med('ttft_ms')} | {med('load_ms')} | "
             f"{_fmt(sp.get('peak_rss_mb'), 0)} |")
+    for a in report["artifacts"]:
+        acc = a.get("accuracy") or {}
+        if acc.get("slice") and acc["slice"] != report.get("slice"):
+            cpu = acc.get("cpu_artifact")
+            lines += ["", f"Accuracy of {a['path']} is on a slice of its own ({acc['slice']}): it runs on a "
+                      "simulator." + (f" On that slice {cpu['path']} measures KLD {cpu['mean_kld']:.4f}, top-1 "
+                                      f"{cpu['top1_agreement']:.3f}, PPL {cpu['ppl']:.3f}: ratio of KLDs "
+                                      f"{acc['kld_ratio_vs_cpu']:.2f}." if cpu else "")]
     speeds = [(a["path"], a["speed"]) for a in report["artifacts"] if a.get("speed")]
     if speeds:
         lines.append("")

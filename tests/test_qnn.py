@@ -270,6 +270,7 @@ def test_qualcomm_bundle_ships_and_gates_the_npu_artifact(tmp_path, gguf_path):
     assert set(gates) >= {"max_kld", "max_kld_ratio_vs_cpu", "ram_budget"}
     assert target["passed"] == all(g["passed"] for g in gates.values())
     assert gates["max_kld"]["value"] == pytest.approx(acc["mean_kld"], abs=1e-4)
+    assert f"Accuracy of {art['path']} is on a slice of its own" in (out / "report.md").read_text()
 
 
 def test_a_crashing_htp_process_is_a_clear_error():
