@@ -88,6 +88,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             continue
         st = smoke["stats"]
         print(f"smoke test ({smoke['runtime']}): {smoke['prompt']!r} -> {smoke['text']!r}")
+        if "simulator_prefill_s" in st:
+            print(f"  simulator: prompt {st['simulator_prefill_s']} s, {st['generated_tokens']} tokens "
+                  f"{st['simulator_decode_s']} s ({st['note']})")
+            continue
         print(
             f"  prefill {st.get('prefill_token_per_sec', 0):.1f} tok/s, "
             f"decode {st.get('decode_token_per_sec', 0):.1f} tok/s "
@@ -108,8 +112,13 @@ def print_validation(bundle: Path) -> None:
         speed = (f"; prefill {sp['prefill_tok_s']['median']:.1f} tok/s, decode "
                  f"{sp['decode_tok_s']['median']:.1f} tok/s, TTFT {sp['ttft_ms']['median']:.0f} ms, "
                  f"peak RSS {sp['peak_rss_mb']:.0f} MB" if sp else "")
+        own = ""
+        if acc.get("slice") and acc["slice"] != report["slice"]:
+            cpu = acc.get("cpu_artifact")
+            own = f" on its own slice ({acc['slice']})" + (
+                f"; {cpu['path']} there: KLD {cpu['mean_kld']:.4f}, top-1 {cpu['top1_agreement']:.3f}" if cpu else "")
         print(f"  {a['path']} [{a['scheme']}]: PPL {acc['ppl']:.3f} (x{acc['ppl_ratio']:.3f}), "
-              f"KLD {acc['mean_kld']:.4f}, top-1 {acc['top1_agreement']:.3f}{speed}")
+              f"KLD {acc['mean_kld']:.4f}, top-1 {acc['top1_agreement']:.3f}{speed}{own}")
     for t in report["targets"]:
         failed = [g for g in t["gates"] if not g["passed"]]
         verdict = "PASS" if not failed else "FAIL: " + ", ".join(
