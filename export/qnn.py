@@ -51,7 +51,9 @@ def scheme_name(scheme: QuantScheme) -> str:
 
 def check_scheme(scheme: QuantScheme | None, spec: ModelSpec) -> None:
     if scheme is None or scheme.bits != 4:
-        raise UnsupportedError("the qnn format is w4a16 only: drop --fp32 / --bits 8 for --format qnn")
+        raise UnsupportedError("the qnn format is w4a16 only: use --quant 8da4w (the default) with --format qnn")
+    if not scheme.symmetric:
+        raise UnsupportedError("the qnn format's LPBQ weights are symmetric: drop --asymmetric for --format qnn")
     if scheme.lm_head_bits not in (4, 8):
         raise UnsupportedError("the qnn format quantizes lm_head to 8 (default) or 4 bits, not fp32")
     if spec.param_count() > MAX_PARAMS:
@@ -84,7 +86,7 @@ def calibration_feeds(run: Callable[[dict[str, np.ndarray]], list[np.ndarray]], 
         runner = StaticCacheRunner(run, AR, ctx, spec.n_layers, spec.n_kv_heads, spec.head_dim)
         for c in range(0, min(len(seq), ctx - AR + 1), AR):  # a chunk may start with <= ctx - AR cached
             chunk = seq[c : c + AR]
-            yield runner.feeds(chunk)
+            yield {k: v.copy() for k, v in runner.feeds(chunk).items()}  # the runner's cache moves on
             runner.forward(chunk, c)
 
 

@@ -80,6 +80,17 @@ def test_static_graph_with_app_cache_matches_module(tiny_ckpt, tiny_float_graph)
     torch.testing.assert_close(torch.cat(got), ref[:129], atol=2e-4, rtol=1e-4)
 
 
+def test_calibration_feeds_are_snapshots_of_the_cache(tiny_ckpt, tiny_float_graph):
+    """Each chunk's inputs keep the cache as it was for that chunk, even when collected in a list."""
+    from llamaship.export.qnn import calibration_feeds
+
+    sess = ort.InferenceSession(str(tiny_float_graph), providers=["CPUExecutionProvider"])
+    feeds = list(calibration_feeds(lambda f: sess.run(None, f), tiny_ckpt.tokenizer, tiny_ckpt.spec, CTX, 1))
+    assert len(feeds) == 2
+    assert not feeds[0]["past_keys"].any() and feeds[1]["past_keys"].any()
+    assert (feeds[1]["attention_mask"][0, 0, :, :128] == 0).all() and (feeds[1]["position_ids"][0, 0] == 128)
+
+
 def test_runner_refuses_a_full_cache_and_a_wrong_position(tiny_ckpt, tiny_float_graph):
     spec = tiny_ckpt.spec
     sess = ort.InferenceSession(str(tiny_float_graph), providers=["CPUExecutionProvider"])
@@ -210,6 +221,8 @@ def test_qnn_refuses_schemes_it_cannot_hold(tiny_ckpt):
     spec = tiny_ckpt.spec
     with pytest.raises(UnsupportedError, match="w4a16"):
         check_scheme(None, spec)
+    with pytest.raises(UnsupportedError, match="asymmetric"):
+        check_scheme(QuantScheme(symmetric=False), spec)
     with pytest.raises(UnsupportedError, match="lm_head"):
         check_scheme(QuantScheme(lm_head_bits=0), spec)
     with pytest.raises(UnsupportedError, match="streamed route"):
