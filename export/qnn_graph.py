@@ -125,25 +125,6 @@ def example_inputs(model: StaticLlama) -> tuple[torch.Tensor, ...]:
             torch.zeros(1, 1, ar, ctx), past, past.clone())
 
 
-def prefill_inputs(tokens: list[int], ar: int, ctx: int, n_layers: int, n_kv_heads: int,
-                   head_dim: int) -> dict[str, torch.Tensor]:
-    """Inputs for a prompt of up to `ar` tokens from an empty cache: the tokens are left-aligned,
-    every past slot and every padding query is masked. Logits of rows >= len(tokens) are junk."""
-    n = len(tokens)
-    if not 1 <= n <= ar:
-        raise ValueError(f"prompt of {n} tokens does not fit the {ar}-token graph")
-    ids = torch.zeros(1, ar, dtype=torch.int32)
-    ids[0, :n] = torch.tensor(tokens, dtype=torch.int32)
-    pos = torch.arange(ar, dtype=torch.int32)[None]
-    q = torch.arange(ar)[:, None]
-    k = torch.arange(ar)[None, :]
-    mask = torch.full((1, 1, ar, ctx), MASK_MIN)
-    mask[0, 0, :, ctx - ar :] = torch.where(k <= q, 0.0, MASK_MIN)
-    past = torch.zeros(n_layers, n_kv_heads, ctx - ar, head_dim)
-    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask, "past_keys": past,
-            "past_values": past.clone()}
-
-
 def export_float_onnx(model: StaticLlama, path: Path) -> None:
     """The float graph, weights in one external data file beside it (SmolLM2's are 0.5 GB)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -51,8 +51,7 @@ def _register() -> Any:
     return onnxruntime_qnn
 
 
-def session_options(soc_model: str, extra: dict[str, str] | None = None,
-                    config: dict[str, str] | None = None) -> Any:
+def session_options(soc_model: str, config: dict[str, str] | None = None) -> Any:
     """Options for an HTP session for `soc_model` (e.g. "SM8650"); `config` are session config
     entries (e.g. the ep.context_* ones that compile a context binary)."""
     import onnxruntime as ort
@@ -65,8 +64,7 @@ def session_options(soc_model: str, extra: dict[str, str] | None = None,
     so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     for k, v in (config or {}).items():
         so.add_session_config_entry(k, v)
-    options = {"backend_path": qnn.get_qnn_htp_path(), "soc_model": soc_model} | (extra or {})
-    so.add_provider_for_devices(devices[:1], options)
+    so.add_provider_for_devices(devices[:1], {"backend_path": qnn.get_qnn_htp_path(), "soc_model": soc_model})
     return so
 
 
