@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from llamaship.export.model import Llama
+from llamaship.export.model import Llama, apply_rope
 from llamaship.export.spec import ModelSpec
 
 MASK_MIN = -100.0  # additive "-inf": exp(-100) is 0 in fp32, and the range stays small enough to
@@ -69,8 +69,7 @@ class StaticLlama(nn.Module):
         past_values: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         m = self.model
-        cos = self.cos[position_ids[0]][None, :, None, :]  # [1, T, 1, D]
-        sin = self.sin[position_ids[0]][None, :, None, :]
+        cos, sin = self.cos[position_ids[0]], self.sin[position_ids[0]]  # [T, D]
         h = m.tok_embeddings(input_ids)
         new_keys, new_values = [], []
         for i, block in enumerate(self.blocks):
@@ -94,8 +93,8 @@ class _StaticBlock(nn.Module):
         s, t, att = self.spec, self.ar, self.layer.attention
         kvh, group, hd = s.n_kv_heads, s.n_heads // s.n_kv_heads, s.head_dim
         x = self.norm(self.layer.attention_norm, h)
-        q = _rope(att.wq(x).view(1, t, s.n_heads, hd), cos, sin)
-        k = _rope(att.wk(x).view(1, t, kvh, hd), cos, sin)
+        q = apply_rope(att.wq(x).view(1, t, s.n_heads, hd), cos, sin)
+        k = apply_rope(att.wk(x).view(1, t, kvh, hd), cos, sin)
         v = att.wv(x).view(1, t, kvh, hd)
         k, v = k.transpose(1, 2)[0], v.transpose(1, 2)[0]  # [kvh, T, D]
         keys = torch.cat((past_k, k), dim=1)[:, None]  # [kvh, 1, ctx, D]
@@ -106,12 +105,6 @@ class _StaticBlock(nn.Module):
         h = h + att.wo(y)
         h = h + self.layer.feed_forward(self.norm(self.layer.ffn_norm, h))
         return h, k, v
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 INPUTS = ("input_ids", "position_ids", "attention_mask", "past_keys", "past_values")

@@ -12,6 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from llamaship import __version__
 from llamaship.errors import LlamashipError
@@ -88,9 +89,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             continue
         st = smoke["stats"]
         print(f"smoke test ({smoke['runtime']}): {smoke['prompt']!r} -> {smoke['text']!r}")
-        if "simulator_prefill_s" in st:
-            print(f"  simulator: prompt {st['simulator_prefill_s']} s, {st['generated_tokens']} tokens "
-                  f"{st['simulator_decode_s']} s ({st['note']})")
+        if "note" in st:  # the NPU graph on the HTP simulator
+            print(f"  TTFT {st['ttft_ms'] / 1000:.1f} s, {st['generated_tokens']} tokens ({st['note']})")
             continue
         print(
             f"  prefill {st.get('prefill_token_per_sec', 0):.1f} tok/s, "
@@ -206,9 +206,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if piece not in stop_texts:
             print(piece, end="", flush=True)
 
-    if fmt in ("coreml", "executorch_coreml"):
+    if fmt in ("coreml", "executorch_coreml", "qnn"):
         from llamaship.export.tokenizer import load_tokenizer_json, load_tokenizer_model
-        from llamaship.targets.coreml_runtime import generate_ids, load_module, runtime_name
+        from llamaship.targets.greedy import generate_ids
 
         if args.temperature != 0.0:
             raise UnsupportedError(f"--temperature is not supported for {fmt} yet (greedy only)")
@@ -217,30 +217,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
                      else load_tokenizer_model(tok_path))
         ids = ([tok["bos_id"]] if num_bos else []) + tokenizer.encode(prompt, bos=False, special=True)
         stop_ids = tuple(tok.get("stop_ids") or [])
-        _, st = generate_ids(load_module(model_path, fmt), ids, args.max_new_tokens, stop_ids,
-                             on_token=lambda t: None if t in stop_ids else show(tokenizer.decode([t])))
-        runtime = runtime_name()
-    elif fmt == "qnn":
-        from llamaship.export.tokenizer import load_tokenizer_json, load_tokenizer_model
-        from llamaship.targets.qnn_runtime import QnnModule
-        from llamaship.targets.qnn_runtime import generate_ids as qnn_generate
+        if fmt == "qnn":
+            from llamaship.targets.qnn_runtime import QnnModule
 
-        if args.temperature != 0.0:
-            raise UnsupportedError("--temperature is not supported for qnn yet (greedy only)")
-        tok_path = bundle / tok["path"]
-        tokenizer = (load_tokenizer_json(tok_path, {}) if tok_path.suffix == ".json"
-                     else load_tokenizer_model(tok_path))
-        ids = ([tok["bos_id"]] if num_bos else []) + tokenizer.encode(prompt, bos=False, special=True)
-        art = next(a for a in manifest["artifacts"] if a["format"] == "qnn")
-        print("(QNN HTP simulator on x86_64: each token is a full graph call and takes seconds to minutes)",
-              file=sys.stderr)
-        with QnnModule(bundle, art) as module:
-            new_ids, st = qnn_generate(module, ids, args.max_new_tokens, tuple(tok.get("stop_ids") or []))
-        show(tokenizer.decode(new_ids))
-        pre, dec = st["simulator_prefill_s"], st["simulator_decode_s"]
-        st |= {"ttft_ms": pre * 1000, "prefill_token_per_sec": len(ids) / max(pre, 1e-9),
-               "decode_token_per_sec": max(len(new_ids) - 1, 0) / max(dec, 1e-9)}
-        runtime = "QNN HTP simulator on this host (not phone speed)"
+            print("(QNN HTP simulator on x86_64: each token is a full graph call and takes seconds to minutes)",
+                  file=sys.stderr)
+            module: Any = QnnModule(bundle, next(a for a in manifest["artifacts"] if a["format"] == "qnn"))
+            runtime = "QNN HTP simulator on this host (not phone speed)"
+        else:
+            from llamaship.targets.coreml_runtime import load_module, runtime_name
+
+            module, runtime = load_module(model_path, fmt), runtime_name()
+        try:
+            _, st = generate_ids(module, ids, args.max_new_tokens, stop_ids,
+                                 on_token=lambda t: None if t in stop_ids else show(tokenizer.decode([t])))
+        finally:
+            if hasattr(module, "close"):
+                module.close()
     elif fmt == "onnx":
         from llamaship.targets.onnx_runtime import generate_text
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from llamaship.errors import LlamashipError, RuntimeFailure
+from llamaship.targets.greedy import generate_ids  # noqa: F401  (this runtime's generation)
 
 T = TypeVar("T")
 
@@ -151,6 +152,9 @@ class QnnModule:
             raise RuntimeFailure(f"QNN HTP: {payload}")
         return payload
 
+    def reset(self) -> None:
+        """Nothing to do: a forward from position 0 empties the child's cache."""
+
     def forward(self, tokens: list[int], start_pos: int) -> Any:
         """Logits [len(tokens), vocab] of every token (one graph call per chunk)."""
         import torch
@@ -179,25 +183,3 @@ class QnnModule:
             self.close()
         except Exception:
             pass
-
-
-def generate_ids(module: QnnModule, prompt: list[int], n_tokens: int, stop_ids: tuple[int, ...] | list[int],
-                 ) -> tuple[list[int], dict[str, Any]]:
-    """Greedy decoding: the prompt in chunks, then one token per call."""
-    import time
-
-    t = time.perf_counter()
-    logits = module.forward(prompt, 0)[-1]
-    prefill_s = time.perf_counter() - t
-    out: list[int] = []
-    t = time.perf_counter()
-    while len(out) < n_tokens:
-        tok = int(logits.argmax())
-        out.append(tok)
-        if tok in stop_ids or len(out) == n_tokens:
-            break
-        logits = module.forward([tok], len(prompt) + len(out) - 1)[-1]
-    return out, {"prompt_tokens": len(prompt), "generated_tokens": len(out),
-                 "simulator_prefill_s": round(prefill_s, 1),
-                 "simulator_decode_s": round(time.perf_counter() - t, 1),
-                 "note": "HTP simulator on x86: seconds say nothing about the phone's speed"}
