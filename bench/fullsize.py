@@ -31,11 +31,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "tests" / "data" / "configs"
-TOKENIZERS = ROOT.parent / "shared" / "data" / "tokenizers"
+sys.path.insert(0, str(ROOT / "tests"))
+from checkpoints import LLAMA2_TOKENIZER, LLAMA3_TOKENIZER  # noqa: E402  (the real files the tests use)
+
 MODELS = {  # name: (Meta params folder, HF config folder, tokenizer file)
-    "llama2-7b": ("llama-2-7b", "llama-2-7b-hf", "llama2-tokenizer.model"),
-    "llama3-8b": ("meta-llama-3-8b", "meta-llama-3-8b-hf", "llama3-tokenizer.model"),
-    "llama3.1-8b": ("llama-3.1-8b", "llama-3.1-8b-instruct-hf", "llama3-tokenizer.model"),
+    "llama2-7b": ("llama-2-7b", "llama-2-7b-hf", LLAMA2_TOKENIZER),
+    "llama3-8b": ("meta-llama-3-8b", "meta-llama-3-8b-hf", LLAMA3_TOKENIZER),
+    "llama3.1-8b": ("llama-3.1-8b", "llama-3.1-8b-instruct-hf", LLAMA3_TOKENIZER),
 }
 SHARD_BYTES = 5 * 1024**3  # what Hugging Face's Llama repos use
 SMOKE_TOKENS = {"coreml": 4}  # the MIL reference evaluator dequantizes an 8B model's weights per call
@@ -60,7 +62,7 @@ def write_meta(model: str, dest: Path, layers: int | None) -> Path:
     if layers:
         params["n_layers"] = layers
     (dest / "params.json").write_text(json.dumps(params))
-    shutil.copyfile(TOKENIZERS / tok, dest / "tokenizer.model")
+    shutil.copyfile(tok, dest / "tokenizer.model")
     spec = load_spec(dest)
     # one dict in RAM (16 GB for 8B in bf16): torch.save writes a single zip; the loader mmaps it
     state = dict(random_state(spec))
@@ -80,7 +82,7 @@ def write_hf(model: str, dest: Path, layers: int | None) -> Path:
     if layers:
         cfg["num_hidden_layers"] = layers
     (dest / "config.json").write_text(json.dumps(cfg))
-    shutil.copyfile(TOKENIZERS / tok, dest / "tokenizer.model")
+    shutil.copyfile(tok, dest / "tokenizer.model")
     spec = load_spec(dest / "config.json")
     shard: dict[str, torch.Tensor] = {}
     weight_map: dict[str, str] = {}

@@ -22,7 +22,6 @@ from llamaship.export.model import build_model
 from llamaship.export.onnx import export_onnx
 from llamaship.export.spec import ModelSpec
 from llamaship.export.tokenizer import load_tokenizer_model
-from llamaship.targets.accuracy import find_eval_text
 from llamaship.targets.onnx_runtime import OnnxModule
 from llamaship.targets.speed import peak_rss_mb
 
@@ -33,7 +32,7 @@ def main() -> int:
     ap.add_argument("--keep", default=None, help="write the ONNX folder here instead of a temp folder")
     args = ap.parse_args()
 
-    tokenizer = load_tokenizer_model(find_eval_text().parent / "tokenizers" / "llama2-tokenizer.model")
+    tokenizer = load_tokenizer_model(Path(__file__).resolve().parents[1] / "tests" / "data" / "llama2-tokenizer.model")
     spec = ModelSpec(name="random-0.7b", dim=2048, n_layers=args.layers, n_heads=32, n_kv_heads=4,
                      hidden_dim=5632, vocab_size=32000, max_context=256)
     spec = tokenizer.complete_spec(spec)

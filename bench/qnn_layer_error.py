@@ -32,6 +32,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from llamaship.data import CALIB_FILE, data_file
 from llamaship.export.checkpoint import load_checkpoint
 from llamaship.export.model import build_model
 from llamaship.export.qnn import AR, calibration_feeds, quantize_w4a16
@@ -156,7 +157,7 @@ def main() -> int:
             fsess = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
             run = lambda f, s=fsess: s.run(None, f)  # noqa: E731
             feeds = list(calibration_feeds(run, ckpt.tokenizer, spec, ctx, 2))
-            valid = accuracy.find_eval_text("wikitext-2-valid.txt").read_text()
+            valid = data_file(CALIB_FILE).read_text()
             probe_ids = ckpt.tokenizer.encode(valid[200000:220000], bos=False)  # past the calibration text
             runner = StaticCacheRunner(run, AR, ctx, spec.n_layers, spec.n_kv_heads, spec.head_dim)
             runner.forward(probe_ids[:AR], 0)

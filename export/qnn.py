@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llamaship.data import CALIB_FILE, data_file
 from llamaship.errors import ExportError, RuntimeFailure, UnsupportedError
 from llamaship.export.model import build_model
 from llamaship.export.qnn_graph import MASK_MIN, StaticCacheRunner, StaticLlama, export_float_onnx
@@ -38,7 +39,6 @@ from llamaship.quantize.scheme import QuantScheme
 
 AR = 128  # prompt-processing chunk (tokens per call): AI Hub's Llama prompt processor size
 CALIB_SEQUENCES = 2  # each of `ctx` tokens, run chunk by chunk with the cache filled
-CALIB_FILE = "wikitext-2-valid.txt"
 CTX_MODEL = "model_ctx.onnx"  # the EPContext model; its binary is model_ctx_qnn.bin beside it
 CONFIG = "qnn_config.json"
 MAX_PARAMS = 2_000_000_000  # the float graph and the quantizer hold fp32 weights: ~4 bytes x 3 per param
@@ -75,9 +75,7 @@ def calibration_feeds(run: Callable[[dict[str, np.ndarray]], list[np.ndarray]], 
     with the cache the float graph filled before it: so the calibrated ranges cover first tokens
     (SmolLM2's massive activation), padded chunks and late positions alike. Lazy: at 2048 tokens of
     context one chunk's inputs are ~90 MB for SmolLM2."""
-    from llamaship.targets.accuracy import find_eval_text
-
-    text = find_eval_text(CALIB_FILE).read_text()
+    text = data_file(CALIB_FILE).read_text()
     ids = tokenizer.encode(text[: n_sequences * ctx * 12], bos=False)
     for s in range(n_sequences):
         seq = ids[s * ctx : (s + 1) * ctx]

@@ -23,25 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from llamaship.data import EVAL_FILE, data_file
 from llamaship.errors import LlamashipError
 
-EVAL_FILE = "wikitext-2-test.txt"
 CACHE_VERSION = 1
 
 
 def find_eval_text(name: str = EVAL_FILE) -> Path:
-    """LLAMASHIP_DATA, else a `shared/data` folder beside or above the repo / working dir."""
-    env = os.environ.get("LLAMASHIP_DATA")
-    candidates = [Path(env)] if env else []
-    for start in (Path(__file__).resolve(), Path.cwd().resolve()):
-        candidates += [p / "shared" / "data" for p in start.parents]
-    for folder in candidates:
-        if (folder / name).exists():
-            return folder / name
-    raise LlamashipError(
-        f"evaluation text {name} not found: set LLAMASHIP_DATA to the folder holding it "
-        "(the project's shared/data), or skip validation with --no-validate"
-    )
+    """The evaluation text the package carries (or LLAMASHIP_DATA's copy)."""
+    return data_file(name)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ names and q/k permutation for GGUF.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -16,10 +17,25 @@ from typing import Any
 import numpy as np
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-DATA = SHARED / "data"
-LLAMA2_TOKENIZER = DATA / "tokenizers" / "llama2-tokenizer.model"
-LLAMA3_TOKENIZER = DATA / "tokenizers" / "llama3-tokenizer.model"
+from llamaship.data import CALIB_FILE, data_file
+
+
+def _llama3_tokenizer() -> Path:
+    """Meta's own copy, from the `llama-models` wheel (a test dependency, installed --no-deps; found
+    without importing the package, whose __init__ wants its own dependencies)."""
+    spec = importlib.util.find_spec("llama_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the Llama 3 tokenizer comes from Meta's llama-models wheel: "
+                                "`pip install --no-deps llama-models==0.3.0` (the Makefile's set-up does)")
+    return Path(next(iter(spec.submodule_search_locations))) / "llama3" / "tokenizer.model"
+
+
+# The real files, byte for byte (test_tokenizers checks the sha256): Llama 2's SentencePiece model is
+# vendored beside the tests with Meta's licence (tests/data/README.md); Llama 3's comes from Meta's wheel.
+LLAMA2_TOKENIZER = Path(__file__).resolve().parent / "data" / "llama2-tokenizer.model"
+LLAMA3_TOKENIZER = _llama3_tokenizer()
+LLAMA2_TOKENIZER_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"
+LLAMA3_TOKENIZER_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"
 # SmolLM2-135M-Instruct's chat template, as its GGUF carries it (ChatML with a default system turn)
 CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -230,7 +246,7 @@ def train_bpe(vocab_size: int = 320) -> tuple[list[str], list[str], list[int]]:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    lines = (DATA / "wikitext-2-valid.txt").read_text().splitlines()[:4000]
+    lines = data_file(CALIB_FILE).read_text().splitlines()[:4000]
     tok.train_from_iterator(lines, trainer)
     data = json.loads(tok.to_str())
     vocab = data["model"]["vocab"]

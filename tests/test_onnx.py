@@ -161,9 +161,9 @@ def test_rtn_block_64(tmp_path, llama2_meta_ckpt, symmetric):
 
 
 def wikitext_lines(n: int) -> list[str]:
-    from checkpoints import DATA
+    from llamaship.data import EVAL_FILE, data_file
 
-    return [ln for ln in (DATA / "wikitext-2-test.txt").read_text().splitlines() if ln.strip()][:n]
+    return [ln for ln in data_file(EVAL_FILE).read_text().splitlines() if ln.strip()][:n]
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,18 @@ tokenizers, the ones ExecuTorch's runner and the Android app link), on real eval
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from pytorch_tokenizers import CppHFTokenizer, CppSPTokenizer, CppTiktoken
 
-from checkpoints import DATA, LLAMA2_TOKENIZER, LLAMA3_TOKENIZER
+from checkpoints import (
+    LLAMA2_TOKENIZER,
+    LLAMA2_TOKENIZER_SHA256,
+    LLAMA3_TOKENIZER,
+    LLAMA3_TOKENIZER_SHA256,
+)
+from llamaship.data import EVAL_FILE, data_file
 from llamaship.export.checkpoint import load_checkpoint
 from llamaship.export.load_gguf import load_gguf
 from llamaship.export.tokenizer import is_tiktoken_file, load_tokenizer_model
@@ -14,10 +22,17 @@ from llamaship.export.tokenizer import is_tiktoken_file, load_tokenizer_model
 
 @pytest.fixture(scope="module")
 def lines() -> list[str]:
-    text = (DATA / "wikitext-2-test.txt").read_text().splitlines()
+    text = data_file(EVAL_FILE).read_text().splitlines()
     picked = [ln.strip() for ln in text if len(ln.strip()) > 20][:150]
     # plus what WikiText lacks: unicode, digits, code-ish and whitespace runs
     return picked + ["héllo wörld — ünïcode ✓ 東京 🙂", "x = 12345 + 0.5;\n\tindent  two", "  lead"]
+
+
+def test_the_tokenizers_are_metas_own_files():
+    """The tests' tokenizers come from inside the repository and Meta's wheel, byte-identical to
+    the released Llama 2 / Llama 3 files."""
+    for path, sha in ((LLAMA2_TOKENIZER, LLAMA2_TOKENIZER_SHA256), (LLAMA3_TOKENIZER, LLAMA3_TOKENIZER_SHA256)):
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == sha, path
 
 
 def test_detects_kind():
