@@ -177,6 +177,93 @@ def file_backed_constants_shared_in_deepcopy() -> Iterator[None]:
             del XnnpackBackend.copy_exported_program_for_preprocess
 
 
+# XNNPACK's preprocess runs 17 passes over every partition, each re-tracing it under fake tensors,
+# whatever the graph holds. These rewrite only the named aten ops; when a partition holds none of
+# them the pass cannot change it, so it is skipped. The program is byte-identical (tested).
+PASSES_BY_OPS: dict[str, frozenset[str]] = {
+    "ConvertToUpsampleBilinear2d": frozenset({"upsample_bilinear2d", "_unsafe_index", "index"}),
+    "ConvertToSDPAPass": frozenset({"scaled_dot_product_attention", "_softmax", "bmm"}),
+    "FuseBatchNormPass": frozenset({"native_batch_norm", "_native_batch_norm_legit_no_training"}),
+    "DecomposeBatchNorm": frozenset({"native_batch_norm", "_native_batch_norm_legit_no_training"}),
+    "FuseActivationPass": frozenset({"relu", "hardtanh"}),
+    "DecomposeConcatenate": frozenset({"cat"}),
+    "InsertPadQDQPass": frozenset({"constant_pad_nd"}),
+    "Conv1dUnsqueezePass": frozenset({"convolution"}),
+    "PReLUReshapePass": frozenset({"_prelu_kernel", "prelu"}),
+    "RemoveRedundantCopyPass": frozenset({"_to_copy"}),
+}
+
+
+def aten_ops(graph: torch.fx.Graph) -> set[str]:
+    """Base names of the aten ops in `graph` ("linear", "cat", ...)."""
+    names = set()
+    for node in graph.nodes:
+        name = getattr(node.target, "name", None) if node.op == "call_function" else None
+        qualified = name() if callable(name) else ""  # "aten::linear" (ATen and edge overloads alike)
+        if isinstance(qualified, str) and qualified.startswith("aten::"):
+            names.add(qualified.removeprefix("aten::"))
+    return names
+
+
+@contextmanager
+def xnnpack_passes_that_apply() -> Iterator[None]:
+    """XNNPACK's pass manager with the passes in `PASSES_BY_OPS` dropped for a partition holding
+    none of their ops (`SKIPPED_PASSES` counts them). ExecuTorch builds the manager inside
+    `XnnpackBackend.preprocess` with no way to pass a list, hence the subclass swapped in for the
+    duration of the lowering."""
+    import executorch.backends.xnnpack.xnnpack_preprocess as xnnpack_preprocess
+
+    base = xnnpack_preprocess.XNNPACKPassManager
+
+    class ApplicablePassManager(base):  # type: ignore[misc, valid-type]
+        def __init__(self, exported_program: Any, passes: Any = None) -> None:
+            super().__init__(exported_program, passes)
+            present = aten_ops(exported_program.graph)
+            kept = [p for p in self.passes if p.__name__ not in PASSES_BY_OPS or PASSES_BY_OPS[p.__name__] & present]
+            SKIPPED_PASSES.append(len(self.passes) - len(kept))
+            self.passes = kept
+
+    xnnpack_preprocess.XNNPACKPassManager = ApplicablePassManager
+    try:
+        yield
+    finally:
+        xnnpack_preprocess.XNNPACKPassManager = base
+
+
+SKIPPED_PASSES: list[int] = []  # per partition, how many passes could not apply (tests read it)
+
+
+def one_decomposition_partitioner() -> Any:
+    """XnnpackPartitioner whose ops to keep whole come without a per-node check. With the check,
+    `to_edge_transform_and_lower` re-traces the whole program through two decompositions (its
+    EDGE_DO_NOT_DECOMP path); without it, through one. Every op XNNPACK keeps whole here (linear)
+    is delegated in our graphs, so the check had nothing to refuse: the program is byte-identical
+    (tested) and the lowering of SmolLM2 re-traces the program once less."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    class OneDecompositionXnnpackPartitioner(XnnpackPartitioner):  # type: ignore[misc]
+        kept_whole: set[str] = set()  # base names of the ops kept whole ("linear")
+
+        def ops_to_not_decompose(self, ep: Any) -> tuple[list[Any], None]:
+            ops, _ = super().ops_to_not_decompose(ep)
+            self.kept_whole = {op._opname for op in ops}
+            return ops, None
+
+    return OneDecompositionXnnpackPartitioner()
+
+
+def _trace(model: Llama, spec: ModelSpec, max_seq_len: int) -> Any:
+    from torch.export import Dim
+
+    example = (torch.tensor([[1, 2]], dtype=torch.long), torch.tensor([0], dtype=torch.long))
+    seq = Dim("seq_len", min=1, max=max_seq_len)
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, example, dynamic_shapes=({1: seq}, None), strict=False)
+    except Exception as exc:
+        raise ExportError(f"torch.export failed for {spec.name}: {exc}") from exc
+
+
 def _lower(model: Llama, spec: ModelSpec, out_path: Path, max_context: int, max_seq_len: int,
            timings: dict[str, float], progress: Callable[[str], None]) -> dict[str, float]:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -187,30 +274,26 @@ def _lower(model: Llama, spec: ModelSpec, out_path: Path, max_context: int, max_
     )
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
-    from torch.export import Dim
+
+    config = EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True)
 
     t0 = time.perf_counter()
     progress("tracing with torch.export")
-    example = (torch.tensor([[1, 2]], dtype=torch.long), torch.tensor([0], dtype=torch.long))
-    seq = Dim("seq_len", min=1, max=max_seq_len)
-    try:
-        with torch.no_grad():
-            ep = torch.export.export(
-                model, example, dynamic_shapes=({1: seq}, None), strict=False
-            )
-            ep = ep.run_decompositions({})
-    except Exception as exc:
-        raise ExportError(f"torch.export failed for {spec.name}: {exc}") from exc
+    ep = _trace(model, spec, max_seq_len)
     timings["torch_export_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     progress("lowering to XNNPACK (to_edge_transform_and_lower)")
-    edge = to_edge_transform_and_lower(
-        ep,
-        partitioner=[XnnpackPartitioner()],
-        compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
-        constant_methods=runner_metadata(spec, max_context, max_seq_len),
-    )
+    metadata = runner_metadata(spec, max_context, max_seq_len)
+    partitioner = one_decomposition_partitioner()
+    with xnnpack_passes_that_apply():
+        edge = to_edge_transform_and_lower(ep, partitioner=[partitioner], compile_config=config,
+                                           constant_methods=metadata)
+    left = aten_ops(edge.exported_program().graph) & partitioner.kept_whole
+    if left:  # never seen: XNNPACK refused an op kept whole, which the per-node check would have decomposed
+        progress(f"{sorted(left)} left outside XNNPACK; lowering again with the per-node check")
+        edge = to_edge_transform_and_lower(_trace(model, spec, max_seq_len), partitioner=[XnnpackPartitioner()],
+                                           compile_config=config, constant_methods=metadata)
     timings["lower_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

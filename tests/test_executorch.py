@@ -85,3 +85,35 @@ def test_asymmetric_is_refused_for_xnnpack(tiny_ckpt, tmp_path):
     with pytest.raises(UnsupportedError, match="asymmetric"):
         export_pte(tiny_ckpt.spec, tiny_ckpt.state, QuantScheme(symmetric=False), tmp_path / "x.pte",
                    max_context=128, progress=lambda s: None)
+
+
+def test_fast_lowering_writes_the_stock_program(tiny_ckpt, tiny_q_pte, tmp_path, monkeypatch):
+    """The lowering skips XNNPACK passes that cannot apply and one whole-program decomposition;
+    the stock `XnnpackPartitioner` with every pass must write the very same bytes."""
+    import contextlib
+
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    import llamaship.export.executorch as executorch_export
+
+    assert sum(executorch_export.SKIPPED_PASSES) > 0  # the tiny_q_pte export did skip passes
+
+    def stock() -> XnnpackPartitioner:
+        part = XnnpackPartitioner()
+        part.kept_whole = set()
+        return part
+
+    monkeypatch.setattr(executorch_export, "one_decomposition_partitioner", stock)
+    monkeypatch.setattr(executorch_export, "xnnpack_passes_that_apply", contextlib.nullcontext)
+    path = tmp_path / "stock.pte"
+    export_pte(tiny_ckpt.spec, tiny_ckpt.state, QuantScheme(), path, max_context=128, progress=lambda s: None)
+    assert path.read_bytes() == tiny_q_pte.read_bytes()
+
+
+def test_aten_ops_names_what_stays_outside_the_delegate():
+    graph = torch.fx.symbolic_trace(torch.nn.Linear(4, 4)).graph
+    traced = torch.export.export(torch.nn.Linear(4, 4), (torch.ones(1, 4),)).graph
+    from llamaship.export.executorch import aten_ops
+
+    assert aten_ops(graph) == set()  # call_module, not aten
+    assert aten_ops(traced) == {"linear"}
