@@ -9,6 +9,7 @@ the result with transformers' own GGUF conversion.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -138,12 +139,28 @@ def read_gguf(path: Path) -> tuple[Any, dict[str, Any]]:
     return reader, meta
 
 
+GGUF_TYPE_SUFFIX = re.compile(r"[.-](?:[QI]Q?\d\w*|F16|F32|BF16)$", re.IGNORECASE)
+GENERIC_STEMS = {"model", "ggml-model", "ggml-model-f16", "ggml-model-f32"}
+
+
+def display_name(meta: dict[str, Any], path: Path) -> str:
+    """A name a person recognises: the file's name without its llama.cpp type suffix
+    ("SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2-135M-Instruct"). `general.name` is often a
+    training-run label ("Smollm2 135M 8k Lc100K Mix1 Ep2"); for a generic file name, the
+    basename and size label stand in ("smollm2-135M")."""
+    stem = GGUF_TYPE_SUFFIX.sub("", path.stem)
+    if stem.lower() not in GENERIC_STEMS:
+        return stem
+    parts = [str(meta[k]) for k in ("general.basename", "general.size_label") if meta.get(k)]
+    return "-".join(parts) or str(meta.get("general.name") or stem)
+
+
 def gguf_spec(meta: dict[str, Any], path: Path) -> ModelSpec:
     with config_errors(path):
         dim = int(meta["llama.embedding_length"])
         heads = int(meta["llama.attention.head_count"])
         spec = ModelSpec(
-            name=str(meta.get("general.name") or path.stem),
+            name=display_name(meta, path),
             dim=dim,
             n_layers=int(meta["llama.block_count"]),
             n_heads=heads,

@@ -44,14 +44,23 @@ def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """`mean_by_gemm` (ExecuTorch): the mean of squares as a [1, dim] GEMM. XNNPACK reduces only
+    4-D tensors over their two inner dims, so a last-dim `mean` stays outside the delegate and
+    splits every block into four partitions; as a GEMM the whole norm is delegated."""
+
+    def __init__(self, dim: int, eps: float, mean_by_gemm: bool = False) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.mean_by_gemm = mean_by_gemm
+        if mean_by_gemm:
+            self.register_buffer("mean_weight", torch.full((1, dim), 1.0 / dim), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        squares = xf.pow(2)
+        ms = F.linear(squares, self.mean_weight) if self.mean_by_gemm else squares.mean(-1, keepdim=True)
+        xf = xf * torch.rsqrt(ms + self.eps)
         return self.weight * xf.type_as(x)
 
 
@@ -121,9 +130,9 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     def __init__(self, spec: ModelSpec, max_context: int, impl: str) -> None:
         super().__init__()
-        self.attention_norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.attention_norm = RMSNorm(spec.dim, spec.norm_eps, mean_by_gemm=impl == "executorch")
         self.attention = Attention(spec, max_context, impl)
-        self.ffn_norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.ffn_norm = RMSNorm(spec.dim, spec.norm_eps, mean_by_gemm=impl == "executorch")
         self.feed_forward = FeedForward(spec.dim, spec.hidden_dim)
 
     def forward(self, x, cos, sin, start_pos, mask):  # type: ignore[no-untyped-def]
@@ -152,7 +161,7 @@ class Llama(nn.Module):
         self.full_logits = full_logits
         self.tok_embeddings = nn.Embedding(spec.vocab_size, spec.dim)
         self.layers = nn.ModuleList(Block(spec, self.max_context, impl) for _ in range(spec.n_layers))
-        self.norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.norm = RMSNorm(spec.dim, spec.norm_eps, mean_by_gemm=impl == "executorch")
         self.output = nn.Linear(spec.dim, spec.vocab_size, bias=False)
         cos, sin = _position_tables(spec, self.max_context)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -233,6 +242,9 @@ def build_model(
     with torch.device("meta"):
         model = Llama(spec, max_context=max_context, impl=impl, full_logits=full_logits)
     model.rope_cos, model.rope_sin = _position_tables(spec, model.max_context)
+    for norm in model.modules():
+        if isinstance(norm, RMSNorm) and norm.mean_by_gemm:
+            norm.mean_weight = torch.full((1, spec.dim), 1.0 / spec.dim)
     for layer in model.layers:
         att = layer.attention
         att.k_cache = torch.zeros(att.k_cache.shape, dtype=att.k_cache.dtype)

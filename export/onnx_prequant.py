@@ -29,6 +29,7 @@ from llamaship.export.hf_folder import hf_config, write_tokenizer_files
 from llamaship.export.load_hf import hf_name
 from llamaship.export.spec import ModelSpec
 from llamaship.export.tokenizer import Tokenizer
+from llamaship.progress import advance, natural_key
 from llamaship.quantize.scheme import QuantScheme
 
 ROWS_PER_CHUNK = 1024  # k-quant works per block: row chunks bound its temporaries (~40 MB at K=4096)
@@ -73,7 +74,7 @@ def supports(scheme: QuantScheme | None, algorithm: str) -> bool:
 def olive_tensors(spec: ModelSpec, state: Mapping[str, torch.Tensor], scheme: QuantScheme,
                   progress: Callable[[str], None]) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) pairs: linears quantized, embedding and norms as stored."""
-    names = list(state)
+    names = sorted(state, key=natural_key)  # layer 2 before layer 10
     linears = [n for n in names if n.endswith(".weight") and n.startswith("layers.")
                and len(_shape(state, n)) == 2]
     started: set[str] = set()
@@ -85,10 +86,11 @@ def olive_tensors(spec: ModelSpec, state: Mapping[str, torch.Tensor], scheme: Qu
         layer = name.split(".")[1]
         if layer not in started:
             started.add(layer)
-            progress(f"onnx: k-quant layer {layer} ({len(started)} of {spec.n_layers})")
+            advance(progress, "onnx: k-quant layers", len(started) - 1, spec.n_layers)
         prefix = hf_name(name).removesuffix(".weight")
         for part, arr in k_quant(state[name], scheme.bits, scheme.group_size).items():
             yield f"{prefix}.{part}", torch.from_numpy(arr)
+    advance(progress, "onnx: k-quant layers", spec.n_layers, spec.n_layers)
     head = state["output.weight"] if "output.weight" in state else state["tok_embeddings.weight"]
     progress(f"onnx: k-quant lm_head, {scheme.lm_head_bits}-bit")
     for part, arr in k_quant(head, scheme.lm_head_bits, scheme.group_size).items():

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from llamaship import __version__
 from llamaship.errors import LlamashipError
+from llamaship.progress import Reporter
 
 EXIT_CODES = __doc__.split("Exit codes:", 1)[1].strip()
 
@@ -32,15 +32,14 @@ def _on_sigint(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _progress_printer() -> callable:  # type: ignore[valid-type]
-    start = time.perf_counter()
+def _check_interrupt() -> None:
+    if _INTERRUPTED:
+        raise KeyboardInterrupt
 
-    def progress(msg: str) -> None:
-        if _INTERRUPTED:
-            raise KeyboardInterrupt
-        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    return progress
+def _reporter() -> Reporter:
+    """Progress on stderr: timestamped lines, plus a live heartbeat / bar with ETA on a terminal."""
+    return Reporter(sys.stderr, check=_check_interrupt)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -56,24 +55,25 @@ def cmd_export(args: argparse.Namespace) -> int:
             embedding_bits=args.embedding_bits,
             lm_head_bits=args.lm_head_bits,
         )
-    manifest = export_bundle(
-        args.model,
-        Path(args.out),
-        scheme=scheme,
-        formats=tuple(args.format) if args.format else None,
-        max_context=args.max_context,
-        max_seq_len=args.max_seq_len,
-        force=args.force,
-        smoke_prompt=None if args.no_smoke else args.prompt,
-        smoke_tokens=args.smoke_tokens,
-        targets=tuple(args.target or ["x86_emulator"]),
-        validate=not args.no_validate,
-        eval_tokens=args.eval_tokens,
-        ignore_fit=args.ignore_fit,
-        onnx_accuracy_level=args.onnx_accuracy_level,
-        onnx_algorithm=args.onnx_algorithm,
-        progress=_progress_printer(),
-    )
+    with _reporter() as progress:
+        manifest = export_bundle(
+            args.model,
+            Path(args.out),
+            scheme=scheme,
+            formats=tuple(args.format) if args.format else None,
+            max_context=args.max_context,
+            max_seq_len=args.max_seq_len,
+            force=args.force,
+            smoke_prompt=None if args.no_smoke else args.prompt,
+            smoke_tokens=args.smoke_tokens,
+            targets=tuple(args.target or ["x86_emulator"]),
+            validate=not args.no_validate,
+            eval_tokens=args.eval_tokens,
+            ignore_fit=args.ignore_fit,
+            onnx_accuracy_level=args.onnx_accuracy_level,
+            onnx_algorithm=args.onnx_algorithm,
+            progress=progress,
+        )
     files = manifest["files"]
     size = sum(f["size"] for f in files.values())
     print(f"bundle written: {args.out} ({len(files)} files, {size / 1e6:.1f} MB)")
@@ -142,13 +142,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise BundleError(f"{bundle}: fails verification ({problems[0]}); run `llamaship verify`")
     manifest = read_manifest(bundle)
     source = args.model or manifest["model"]["source"]
-    ckpt = load_checkpoint(source, progress=_progress_printer())
-    if ckpt.sha256() != manifest["model"]["source_sha256"]:
-        raise BundleError(f"{source}: not the checkpoint this bundle was exported from (sha256 differs)")
-    profiles = [load_profile(p) for p in args.profile or ["x86_emulator"]]
-    meta = {k: v for k, v in manifest.items() if k not in ("files", "schema_version")}
-    meta["validation"] = run_validation(ckpt, bundle, meta, profiles, args.eval_tokens,
-                                        _progress_printer())
+    with _reporter() as progress:
+        ckpt = load_checkpoint(source, progress=progress)
+        if ckpt.sha256() != manifest["model"]["source_sha256"]:
+            raise BundleError(f"{source}: not the checkpoint this bundle was exported from (sha256 differs)")
+        profiles = [load_profile(p) for p in args.profile or ["x86_emulator"]]
+        meta = {k: v for k, v in manifest.items() if k not in ("files", "schema_version")}
+        meta["validation"] = run_validation(ckpt, bundle, meta, profiles, args.eval_tokens, progress)
     write_manifest(bundle, meta)
     print_validation(bundle)
     return 0 if meta["validation"]["passed"] else 7
@@ -277,9 +277,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
         raise UnsupportedError(f"{runner}: llama_main not found; build it for the phone (ExecuTorch's "
                                "examples/models/llama, Android ABI arm64-v8a) and pass its path with --runner")
-    report = profile_bundle(Path(args.bundle), Adb(args.device, adb=args.adb), runner, runs=args.runs,
-                            warmup=args.warmup, threads=args.threads, gen_tokens=args.gen_tokens,
-                            push=not args.no_push, progress=_progress_printer())
+    with _reporter() as progress:
+        report = profile_bundle(Path(args.bundle), Adb(args.device, adb=args.adb), runner, runs=args.runs,
+                                warmup=args.warmup, threads=args.threads, gen_tokens=args.gen_tokens,
+                                push=not args.no_push, progress=progress)
     out = Path(args.out or f"profile-{args.device}")
     out.mkdir(parents=True, exist_ok=True)
     write_report(report, out)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llamaship import __version__
+from llamaship import __version__, preflight
 from llamaship.bundle import staging_dir, write_manifest
 from llamaship.errors import BundleError, CheckpointError, RuntimeFailure, UnsupportedError
 from llamaship.quantize.scheme import QuantScheme
@@ -90,6 +90,8 @@ def export_bundle(
     check_formats(formats, scheme, onnx_accuracy_level, onnx_algorithm)
     if out.exists() and not force:  # fail before minutes of work, not after
         raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
+    out_parent = preflight.check_output_folder(out)
+    preflight.check_data(validate, formats)
     from llamaship.export.checkpoint import load_checkpoint
 
     started = time.perf_counter()
@@ -109,6 +111,8 @@ def export_bundle(
                 f"{profile.name} profile allows {profile.ram_budget_gb} GB; lower --max-context, "
                 "use a smaller model, or pass --ignore-fit to export anyway"
             )
+    weight_bytes = predict_fit(spec, scheme, profiles[0], context=max_context).weight_bytes
+    preflight.check_disk_space(out_parent, preflight.expected_bytes(spec, scheme, formats, weight_bytes), out)
     progress(
         f"model {spec.name}: {spec.param_count() / 1e6:.1f}M params, {spec.n_layers} layers, "
         f"dim {spec.dim}, vocab {spec.vocab_size}; scheme {scheme.name if scheme else 'fp32'}, "

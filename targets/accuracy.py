@@ -25,6 +25,7 @@ import torch
 
 from llamaship.data import EVAL_FILE, data_file
 from llamaship.errors import LlamashipError
+from llamaship.progress import advance
 
 CACHE_VERSION = 1
 
@@ -103,8 +104,7 @@ def reference_logprobs(
             with torch.no_grad():
                 logits = model(torch.tensor([window]), torch.tensor([0]))[0, s:e]
             out[w] = torch.log_softmax(logits.float(), -1).numpy().astype(np.float16)
-            if (w + 1) % 8 == 0 or w + 1 == eval_slice.n_windows:
-                progress(f"fp32 reference: window {w + 1}/{eval_slice.n_windows}")
+            advance(progress, "fp32 reference windows", w + 1, eval_slice.n_windows)
         out.flush()
         del out
         os.replace(tmp, path)
@@ -175,8 +175,7 @@ def evaluate_stepwise(
                 rows.append(logits.reshape(-1))
         targets = torch.tensor(window[s + 1 :])
         acc.add(torch.stack(rows), torch.from_numpy(np.array(reference[w], dtype=np.float32)), targets)
-        if (w + 1) % 8 == 0 or w + 1 == eval_slice.n_windows:
-            progress(f"artifact: window {w + 1}/{eval_slice.n_windows}")
+        advance(progress, "artifact windows", w + 1, eval_slice.n_windows)
     return acc.result(eval_slice)
 
 
@@ -207,5 +206,5 @@ def evaluate_chunked(
         logits = forward(window[:-1], 0)[s:]
         targets = torch.tensor(window[s + 1 :])
         acc.add(logits, torch.from_numpy(np.array(reference[w], dtype=np.float32)), targets)
-        progress(f"artifact: window {w + 1}/{eval_slice.n_windows}")
+        advance(progress, "artifact windows", w + 1, eval_slice.n_windows)
     return acc.result(eval_slice)

@@ -90,9 +90,6 @@ def generate(
     on_text: Callable[[str], None] | None = None,
 ) -> Generation:
     """Greedy (temperature 0) by default, so a smoke test is reproducible."""
-    load_kernels()
-    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
-
     pieces: list[str] = []
     stats: list[str] = []
 
@@ -104,12 +101,17 @@ def generate(
     def stats_cb(st: Any) -> None:
         stats.append(st.to_json_string())
 
-    config = GenerationConfig(
-        echo=False, max_new_tokens=max_new_tokens, temperature=temperature, num_bos=num_bos
-    )
     truncated = False
     failure: RuntimeError | None = None
     with native_output_captured() as native:
+        # loading the runner's library logs "Registering override fallback regex" from C++: inside
+        # the capture, so it never reaches the user's terminal
+        load_kernels()
+        from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+        config = GenerationConfig(
+            echo=False, max_new_tokens=max_new_tokens, temperature=temperature, num_bos=num_bos
+        )
         try:
             runner = TextLLMRunner(str(pte), str(tokenizer))
             try:

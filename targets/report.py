@@ -86,7 +86,7 @@ def render_png(report: dict[str, Any], path: Path) -> None:
         if not a.get("accuracy"):
             continue
         ax1.scatter(a["size_bytes"] / 1e6, a["accuracy"]["mean_kld"], s=60)
-        ax1.annotate(f"{a['format']} {a['scheme']}", (a["size_bytes"] / 1e6, a["accuracy"]["mean_kld"]),
+        ax1.annotate(f"{a['path']}\n{a['scheme']}", (a["size_bytes"] / 1e6, a["accuracy"]["mean_kld"]),
                      fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax1.set_xlabel("artifact size (MB)")
     ax1.set_ylabel("mean KLD vs fp32 (nats/token)")
@@ -94,20 +94,20 @@ def render_png(report: dict[str, Any], path: Path) -> None:
     labels, values, colors = [], [], []
     device = report.get("device")
     for a in report["artifacts"] if device else []:
-        labels.append(f"{device.get('model')}\n(measured)")
+        labels.append(f"{a['path']}\n{device.get('model')}\n(measured)")
         values.append(a["speed"]["decode_tok_s"]["median"])
         colors.append("tab:green")
     for t in report["targets"]:
         art = next(a for a in report["artifacts"] if a["path"] == t["artifact"])
         if art.get("speed") and t["speed_source"].startswith("measured"):
-            labels.append(f"{t['profile']}\n(measured)")
+            labels.append(f"{art['path']}\n{t['profile']}\n(measured)")
             values.append(art["speed"]["decode_tok_s"]["median"])
             colors.append("tab:blue")
-        labels.append(f"{t['profile']}\n(ceiling)")
+        labels.append(f"{art['path']}\n{t['profile']}\n(ceiling)")
         values.append(t["fit"]["decode_ceiling_tok_s"])
         colors.append("tab:gray")
     ax2.bar(range(len(values)), values, color=colors)
-    ax2.set_xticks(range(len(values)), labels, fontsize=7)
+    ax2.set_xticks(range(len(values)), labels, fontsize=6)
     ax2.set_ylabel("decode tok/s")
     ax2.set_title("decode speed per target")
     fig.suptitle(f"{report['model']} - {report['slice']}", fontsize=8)

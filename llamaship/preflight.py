@@ -1,0 +1,66 @@
+"""Checks that run before the first expensive step of an export, so that a missing input or a full
+disk fails in seconds with the file and the fix named, not after minutes of lowering."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from llamaship.data import CALIB_FILE, EVAL_FILE, data_file
+from llamaship.errors import BundleError
+from llamaship.export.spec import ModelSpec
+from llamaship.quantize.scheme import QuantScheme
+
+# Bytes on disk per byte of the fit model's weights, by format, with what else the export writes
+# beside the bundle while it runs. ONNX stores fp32 scales and zero points; the NPU route writes
+# the fp32 graph (4 bytes per parameter) before quantizing it.
+FORMAT_SIZE = {"executorch": 1.1, "onnx": 1.4, "coreml": 1.1, "executorch_coreml": 1.1, "qnn": 1.2}
+FP32_GRAPH_FORMATS = {"qnn"}
+MARGIN = 1.25
+SLACK_BYTES = 64 << 20
+
+
+def existing_ancestor(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_output_folder(out: Path) -> Path:
+    """The folder the bundle will be created in must be a writable folder; returns it."""
+    parent = existing_ancestor(out.resolve().parent)
+    if not parent.is_dir():
+        raise BundleError(f"cannot create the bundle at {out}: {parent} is a file, not a folder; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BundleError(f"cannot create the bundle at {out}: {parent} is not writable; choose another --out "
+                          "or fix the folder's permissions")
+    return parent
+
+
+def expected_bytes(spec: ModelSpec, scheme: QuantScheme | None, formats: Iterable[str], weight_bytes: float) -> int:
+    """What the export writes, at most, for these formats (an estimate with a margin)."""
+    total = 0.0
+    for fmt in formats:
+        total += FORMAT_SIZE.get(fmt, 1.5) * weight_bytes
+        if fmt in FP32_GRAPH_FORMATS:
+            total += 4.0 * spec.param_count()
+    return int(MARGIN * total) + SLACK_BYTES
+
+
+def check_disk_space(folder: Path, need: int, out: Path) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise BundleError(f"not enough disk space for the bundle at {out}: the export needs about "
+                          f"{need / 1e9:.2f} GB in {folder}, {free / 1e9:.2f} GB are free; free some space or "
+                          "choose an --out on another disk")
+
+
+def check_data(validate: bool, formats: Iterable[str]) -> None:
+    """The evaluation text (for validation) and the calibration text (for the NPU route) exist."""
+    if validate:
+        data_file(EVAL_FILE)
+    if "qnn" in formats:
+        data_file(CALIB_FILE)
