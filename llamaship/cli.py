@@ -1,7 +1,7 @@
 """`llamaship` command line: a thin layer over llamaship.pipeline / bundle / targets.
 
-Exit codes: 0 success; 1 unexpected error; 2 bad checkpoint; 3 unsupported request;
-4 bundle invalid or output exists; 5 export failed; 6 runtime failed; 7 a validation gate
+Exit codes: 0 success; 1 unexpected error; 2 bad checkpoint or missing evaluation/calibration
+text; 3 unsupported request; 4 bundle invalid or output exists; 5 export failed; 6 runtime failed; 7 a validation gate
 failed (the bundle and its report are written); 130 interrupted.
 """
 

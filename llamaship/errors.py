@@ -15,6 +15,13 @@ class CheckpointError(LlamashipError):
     exit_code = 2
 
 
+class DataError(LlamashipError):
+    """Evaluation or calibration text is missing (LLAMASHIP_DATA names a folder without it, or the
+    installation lost the copy the package carries)."""
+
+    exit_code = 2
+
+
 class UnsupportedError(LlamashipError):
     """A valid request this tool does not support (architecture, format x scheme combination)."""
 

@@ -24,9 +24,30 @@ from llamaship.errors import RuntimeFailure
 
 def load_kernels() -> None:
     """The Python runtime links only the portable kernels: register the custom LLM ops
-    (sdpa, kv cache) and the quantized ones (4-bit embedding) before loading a program."""
-    import executorch.kernels.quantized  # noqa: F401
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+    (sdpa, kv cache) and the quantized ones (4-bit embedding) before loading a program.
+
+    The kernels are in two shared libraries, registered into the runtime of the pybindings' C
+    extension; loading those three is all a run needs. ExecuTorch's Python wrappers around them
+    import its exporter (`portable_lib` imports `executorch.exir`: 4 s) and torch's inductor
+    (`custom_ops`: 2 s), which made `generate` wait ~6 s before its first token; a run needs
+    neither, so they are not imported here (`export.executorch.load_custom_ops` does for exports)."""
+    global _KERNELS_LOADED
+    if _KERNELS_LOADED:
+        return
+    import executorch.extension.llm.custom_ops as custom_ops_pkg
+    import executorch.kernels.quantized  # noqa: F401  (loads quantized_ops_aot_lib)
+    import executorch.extension.pybindings._C  # noqa: F401  (the runtime the kernels register into)
+
+    if not hasattr(torch.ops.llama, "custom_sdpa"):
+        libs = sorted(Path(next(iter(custom_ops_pkg.__path__))).glob("**/*custom_ops_aot_lib.*"))
+        if not libs:
+            raise RuntimeFailure("executorch's custom_ops_aot_lib is missing from the installed package; "
+                                 "reinstall executorch==1.5.1")
+        torch.ops.load_library(str(libs[0]))
+    _KERNELS_LOADED = True
+
+
+_KERNELS_LOADED = False
 
 
 @contextmanager

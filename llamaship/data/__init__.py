@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from llamaship.errors import LlamashipError
+from llamaship.errors import DataError
 
 EVAL_FILE = "wikitext-2-test.txt"
 CALIB_FILE = "wikitext-2-valid.txt"
@@ -23,7 +23,7 @@ def data_file(name: str = EVAL_FILE) -> Path:
     if path.is_file():
         return path
     if env:
-        raise LlamashipError(f"{path} not found: LLAMASHIP_DATA={env} must name a folder holding {name}; "
+        raise DataError(f"{path} not found: LLAMASHIP_DATA={env} must name a folder holding {name}; "
                              "unset it to use the copy the package carries")
-    raise LlamashipError(f"{path} not found: the llamaship installation is incomplete; reinstall it "
+    raise DataError(f"{path} not found: the llamaship installation is incomplete; reinstall it "
                          "(pip install --force-reinstall llamaship) or set LLAMASHIP_DATA to a folder holding it")
