@@ -35,8 +35,8 @@ def load_kernels() -> None:
     if _KERNELS_LOADED:
         return
     import executorch.extension.llm.custom_ops as custom_ops_pkg
-    import executorch.kernels.quantized  # noqa: F401  (loads quantized_ops_aot_lib)
     import executorch.extension.pybindings._C  # noqa: F401  (the runtime the kernels register into)
+    import executorch.kernels.quantized  # noqa: F401  (loads quantized_ops_aot_lib)
 
     if not hasattr(torch.ops.llama, "custom_sdpa"):
         libs = sorted(Path(next(iter(custom_ops_pkg.__path__))).glob("**/*custom_ops_aot_lib.*"))
