@@ -312,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"llamaship {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show the libraries' warnings and the runtimes' native log lines "
+                        "(ExecuTorch's C++ runner, tokenizers), which are hidden by default; put it "
+                        "before the command: llamaship --verbose export ...")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ex = sub.add_parser("export", help="export a checkpoint into a device bundle",
@@ -478,7 +482,12 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.getsignal(signal.SIGINT)
     if previous is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
-    quiet_library_warnings()
+    if args.verbose:
+        import os
+
+        os.environ["LLAMASHIP_VERBOSE"] = "1"  # read where native output is captured
+    else:
+        quiet_library_warnings()
     try:
         return int(args.func(args))
     except LlamashipError as exc:

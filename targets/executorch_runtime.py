@@ -55,7 +55,8 @@ def native_output_captured() -> Iterator[list[str]]:
     """ExecuTorch's C++ runner prints every token to stdout and its logs to stderr, which would
     interleave with (and duplicate) what we print. Point both file descriptors at a temp file for
     the duration; Python's sys.stdout/stderr keep writing to the terminal through duplicates. The
-    yielded list receives the captured native text (for error messages)."""
+    yielded list receives the captured native text (for error messages; `llamaship --verbose`
+    prints it)."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
@@ -79,6 +80,9 @@ def native_output_captured() -> Iterator[list[str]]:
         sink.seek(0)
         captured.append(sink.read().decode("utf-8", "replace"))
         sink.close()
+        if os.environ.get("LLAMASHIP_VERBOSE"):  # `llamaship --verbose`: show what the runtime logged
+            sys.stderr.write(captured[-1])
+            sys.stderr.flush()
 
 
 @dataclass

@@ -4,6 +4,7 @@ progress a person sees."""
 from __future__ import annotations
 
 import io
+import os
 import time
 from pathlib import Path
 
@@ -96,3 +97,15 @@ def test_gguf_models_get_a_name_a_person_recognises():
     assert display_name(meta, Path("SmolLM2-135M-Instruct.Q4_1.gguf")) == "SmolLM2-135M-Instruct"
     assert display_name(meta, Path("llama-2-7b.Q4_K_M.gguf")) == "llama-2-7b"
     assert display_name(meta, Path("ggml-model-f16.gguf")) == "smollm2-135M"
+
+
+def test_verbose_shows_the_runtimes_native_lines(monkeypatch, capfd):
+    """Native log lines are hidden unless `--verbose` asked for them."""
+    from llamaship.targets.executorch_runtime import native_output_captured
+
+    for verbose in ("", "1"):
+        monkeypatch.setenv("LLAMASHIP_VERBOSE", verbose)
+        with native_output_captured() as native:
+            os.write(2, b"I tokenizers:regex.cpp:40] Registering override fallback regex\n")
+        assert "Registering" in native[0]
+        assert ("Registering" in capfd.readouterr().err) == bool(verbose)
