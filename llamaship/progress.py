@@ -35,23 +35,19 @@ class Reporter:
 
     def __init__(self, stream: TextIO, check: Callable[[], None] = lambda: None) -> None:
         from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            SpinnerColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from rich.progress import BarColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
         from rich.progress import Progress as RichProgress
 
         self.start = time.perf_counter()
         self.check = check
         self.console = Console(file=stream, highlight=False, soft_wrap=True)
         self.live = self.console.is_terminal
-        self.bars = RichProgress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=24),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                 console=self.console, transient=True, disable=not self.live)
+        # a counted step: "name ━━━━━╺━━━━ 3/8 0:00:12 ETA 0:00:20"; a step of unknown length: a
+        # spinner, its name and its elapsed time
+        self.bars = RichProgress(SpinnerColumn(), TextColumn("{task.description}"),
+                                 BarColumn(bar_width=24), TextColumn("{task.fields[count]}"), TimeElapsedColumn(),
+                                 TextColumn("{task.fields[eta]}"), console=self.console, transient=True,
+                                 disable=not self.live)
         self.step: Any = None
         self.counted: dict[str, Any] = {}
         self.last_line: dict[str, float] = {}
@@ -69,7 +65,7 @@ class Reporter:
         if self.live:
             if self.step is not None:
                 self.bars.remove_task(self.step)
-            self.step = self.bars.add_task(message[:70], total=None)
+            self.step = self.bars.add_task(message[:70], total=None, count="", eta="")
 
     def advance(self, label: str, done: int, total: int) -> None:
         self.check()
@@ -84,8 +80,10 @@ class Reporter:
             if self.step is not None:
                 self.bars.remove_task(self.step)
                 self.step = None
-            task = self.counted[label] = self.bars.add_task(label, total=total)
-        self.bars.update(task, completed=done, total=total)
+            task = self.counted[label] = self.bars.add_task(label, total=total, count="", eta="")
+        self.bars.update(task, completed=done, total=total, count=f"{done}/{total}")
+        remaining = self.bars.tasks[self.bars.task_ids.index(task)].time_remaining
+        self.bars.update(task, eta=f"ETA {remaining:.0f}s" if remaining is not None else "")
         if done >= total:
             self.bars.remove_task(task)
             del self.counted[label]
