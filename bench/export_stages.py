@@ -25,6 +25,7 @@ import llamaship.export.executorch as executorch_export
 from llamaship.export.checkpoint import load_checkpoint
 from llamaship.pipeline import default_model
 from llamaship.quantize.scheme import QuantScheme
+from llamaship.quiet import quiet_library_warnings
 
 
 def stock_partitioner() -> Any:
@@ -56,6 +57,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=None, help="export only the first N blocks (default: all)")
     ap.add_argument("--out", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
+    quiet_library_warnings()
     ckpt = load_checkpoint(args.model or default_model(), progress=lambda s: None)
     n = args.layers or ckpt.spec.n_layers
     rows: dict[str, dict[str, float]] = {}

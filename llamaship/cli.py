@@ -16,6 +16,7 @@ from typing import Any
 from llamaship import __version__
 from llamaship.errors import LlamashipError
 from llamaship.progress import Reporter
+from llamaship.quiet import quiet_library_warnings
 
 EXIT_CODES = __doc__.split("Exit codes:", 1)[1].strip()
 
@@ -458,23 +459,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quiet_library_warnings() -> None:
-    """torch.export / ExecuTorch / torchao emit hundreds of deprecation warnings per export that
-    bury the progress lines; users can restore them with PYTHONWARNINGS=default."""
-    import logging
-    import os
-    import warnings
-
-    if not os.environ.get("PYTHONWARNINGS"):
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|executorch|torchao)\.")
-    import torch  # noqa: F401  (torch configures its loggers on import: set ours after)
-
-    for name in ("torch", "torchao", "executorch"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def main(argv: list[str] | None = None) -> int:
     import signal
 
@@ -485,9 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         import os
 
-        os.environ["LLAMASHIP_VERBOSE"] = "1"  # read where native output is captured
-    else:
-        quiet_library_warnings()
+        os.environ["LLAMASHIP_VERBOSE"] = "1"  # read where native output is captured, and by children
+    quiet_library_warnings()
     try:
         return int(args.func(args))
     except LlamashipError as exc:

@@ -126,6 +126,38 @@ def check_gates(profile: Profile, acc: dict[str, Any] | None, speed_tok_s: float
     return gates
 
 
+def eval_slice_for(ckpt: Checkpoint, artifacts: list[dict[str, Any]], profiles: list[Profile],
+                   eval_tokens: int | None) -> accuracy.EvalSlice:
+    """The slice every artifact of the bundle is scored on: windows fit every artifact's KV cache
+    (the NPU graph is scored on a slice of its own)."""
+    window = min([p.eval_window for p in profiles] + [a["max_context"] for a in artifacts if a["format"] != "qnn"])
+    n_tokens = eval_tokens or max(p.eval_tokens for p in profiles)
+    return accuracy.make_slice(ckpt.tokenizer, n_tokens, window)
+
+
+def reference_for(ckpt: Checkpoint, eval_slice: accuracy.EvalSlice, progress: Callable[[str], None]) -> Any:
+    ref_model = build_model(ckpt.spec, ckpt.state, max_context=eval_slice.window, impl="torch", full_logits=True)
+    reference = accuracy.reference_logprobs(ref_model, eval_slice, ckpt.sha256(), progress)
+    del ref_model
+    return reference
+
+
+def artifact_accuracy(ckpt: Checkpoint, folder: Path, manifest: dict[str, Any], art: dict[str, Any],
+                      profiles: list[Profile], eval_slice: accuracy.EvalSlice, reference: Any,
+                      progress: Callable[[str], None]) -> dict[str, Any]:
+    how = "prompt chunks, app-side cache" if art["format"] == "qnn" else "token by token, KV cache"
+    progress(f"accuracy of {art['path']} on {RUNTIMES[art['format']]} ({how})")
+    module = _load_module(folder, art)
+    if art["format"] == "qnn":
+        acc = _npu_accuracy(ckpt, folder, manifest, art, module, profiles, progress)
+    else:
+        acc = accuracy.evaluate_stepwise(module.forward, eval_slice, reference, progress).to_json()
+    if hasattr(module, "close"):
+        module.close()  # the QNN module's child process
+    del module
+    return acc
+
+
 def validate(
     ckpt: Checkpoint,
     folder: Path,
@@ -134,33 +166,23 @@ def validate(
     eval_tokens: int | None = None,
     measure_speed: bool = True,
     progress: Callable[[str], None] = print,
+    accuracies: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Returns the report dict (and writes nothing); `folder` holds the bundle's files."""
+    """Returns the report dict (and writes nothing); `folder` holds the bundle's files.
+    `accuracies` (artifact path -> `artifact_accuracy` result) were measured already, on the slice
+    this computes (the pipeline scores some artifacts while the .pte is still lowering)."""
     spec = ckpt.spec
     scheme = scheme_from_manifest(manifest.get("quant", {}))
     artifacts = [a for a in manifest.get("artifacts", []) if a["format"] in RUNTIMES]
-    # windows must fit the artifact's KV cache (the NPU graph is scored on a slice of its own)
-    window = min([p.eval_window for p in profiles] + [a["max_context"] for a in artifacts if a["format"] != "qnn"])
-    n_tokens = eval_tokens or max(p.eval_tokens for p in profiles)
-    eval_slice = accuracy.make_slice(ckpt.tokenizer, n_tokens, window)
+    eval_slice = eval_slice_for(ckpt, artifacts, profiles, eval_tokens)
     progress(f"accuracy slice: {eval_slice.describe()}")
-    ref_model = build_model(spec, ckpt.state, max_context=window, impl="torch", full_logits=True)
-    reference = accuracy.reference_logprobs(ref_model, eval_slice, ckpt.sha256(), progress)
-    del ref_model
+    reference = reference_for(ckpt, eval_slice, progress)
     ref_ppl = accuracy.evaluate_reference_self(eval_slice, reference)
 
     results: list[dict[str, Any]] = []
     for art in artifacts:
-        how = "prompt chunks, app-side cache" if art["format"] == "qnn" else "token by token, KV cache"
-        progress(f"accuracy of {art['path']} on {RUNTIMES[art['format']]} ({how})")
-        module = _load_module(folder, art)
-        if art["format"] == "qnn":
-            acc = _npu_accuracy(ckpt, folder, manifest, art, module, profiles, progress)
-        else:
-            acc = accuracy.evaluate_stepwise(module.forward, eval_slice, reference, progress).to_json()
-        if hasattr(module, "close"):
-            module.close()  # the QNN module's child process
-        del module
+        acc = (accuracies or {}).get(art["path"]) or artifact_accuracy(
+            ckpt, folder, manifest, art, profiles, eval_slice, reference, progress)
         speed = None
         if art["format"] in APPLE_ONLY:
             progress(f"speed of {art['path']}: not measured (no Apple hardware here); the Apple "

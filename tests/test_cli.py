@@ -41,6 +41,9 @@ def test_bundle_contents(tiny_bundle, gguf_path):
     assert manifest["tokenizer"]["stop_ids"][0] == 2
     assert manifest["tools"]["executorch"].startswith("1.5.1")
     assert manifest["export"]["peak_rss_mb"] > 0
+    # the .pte lowered in a child process while the ONNX route ran and was scored
+    assert manifest["export"]["pte_exported_in_background"] is True
+    assert manifest["export"]["stages_s"]["executorch_lower_s"] > 0
     assert manifest["smoke_test"]["stats"]["prompt_tokens"] >= 1
     assert verify_bundle(tiny_bundle) == []
 

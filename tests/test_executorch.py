@@ -117,3 +117,17 @@ def test_aten_ops_names_what_stays_outside_the_delegate():
 
     assert aten_ops(graph) == set()  # call_module, not aten
     assert aten_ops(traced) == {"linear"}
+
+
+def test_background_export_reports_the_childs_error_and_leaves_nothing(tmp_path):
+    """The .pte export process fails (here: no checkpoint at its source): the parent gets the same
+    error class with its message, and nothing is written."""
+    from llamaship.errors import CheckpointError
+    from llamaship.export.executorch_background import BackgroundPteExport
+
+    lines: list[str] = []
+    with BackgroundPteExport(tmp_path / "missing", QuantScheme(), tmp_path / "model.pte", max_context=128,
+                             max_seq_len=32, progress=lines.append) as job:
+        with pytest.raises(CheckpointError, match="missing"):
+            job.wait()
+    assert list(tmp_path.iterdir()) == []

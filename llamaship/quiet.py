@@ -1,0 +1,22 @@
+"""Library noise off by default: torch.export / ExecuTorch / torchao emit hundreds of deprecation
+warnings per export that bury the progress lines. `llamaship --verbose` (LLAMASHIP_VERBOSE=1) or
+PYTHONWARNINGS keeps them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+
+def quiet_library_warnings() -> None:
+    if os.environ.get("LLAMASHIP_VERBOSE"):
+        return
+    if not os.environ.get("PYTHONWARNINGS"):
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|executorch|torchao)\.")
+    import torch  # noqa: F401  (torch configures its loggers on import: set ours after)
+
+    for name in ("torch", "torchao", "executorch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
