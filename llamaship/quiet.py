@@ -10,13 +10,16 @@ import warnings
 
 
 def quiet_library_warnings() -> None:
+    """Also claims the root logger at WARNING: onnxruntime's quantization modules call
+    `logging.basicConfig(level=INFO)` on import, which would print a line per ONNX node."""
     if os.environ.get("LLAMASHIP_VERBOSE"):
         return
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     if not os.environ.get("PYTHONWARNINGS"):
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|executorch|torchao)\.")
     import torch  # noqa: F401  (torch configures its loggers on import: set ours after)
 
-    for name in ("torch", "torchao", "executorch"):
+    for name in ("torch", "torchao", "executorch", "onnxruntime"):
         logging.getLogger(name).setLevel(logging.ERROR)

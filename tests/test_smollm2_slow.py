@@ -24,6 +24,8 @@ def test_smollm2_bundle_answers_paris(tmp_path: Path):
     out = tmp_path / "smollm2"
     res = llamaship("export", "--out", str(out))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    # a person reads the progress lines: no library INFO logging, no native runtime lines
+    assert "[INFO]" not in res.stderr and "Registering override fallback regex" not in res.stderr, res.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     smoke = manifest["smoke_test"]
     assert "Paris" in smoke["text"], smoke["text"]
