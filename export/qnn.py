@@ -35,6 +35,7 @@ from llamaship.export.model import build_model
 from llamaship.export.qnn_graph import MASK_MIN, StaticCacheRunner, StaticLlama, export_float_onnx
 from llamaship.export.spec import ModelSpec
 from llamaship.export.tokenizer import Tokenizer
+from llamaship.progress import advance
 from llamaship.quantize.scheme import QuantScheme
 
 AR = 128  # prompt-processing chunk (tokens per call): AI Hub's Llama prompt processor size
@@ -67,6 +68,13 @@ def check_scheme(scheme: QuantScheme | None, spec: ModelSpec) -> None:
 
 def _runner(session: Any) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
     return lambda feeds: session.run(None, feeds)
+
+
+def counted(items: Iterator[Any], progress: Callable[[str], None], label: str, total: int) -> Iterator[Any]:
+    """`items`, reporting each one handed out (a bar with ETA on a terminal)."""
+    for i, item in enumerate(items, 1):
+        yield item
+        advance(progress, label, min(i, total), total)
 
 
 def calibration_feeds(run: Callable[[dict[str, np.ndarray]], list[np.ndarray]], tokenizer: Tokenizer,
@@ -215,7 +223,9 @@ def export_qnn(
 
         t = time.perf_counter()
         float_sess = ort.InferenceSession(str(work / "float.onnx"), providers=["CPUExecutionProvider"])
-        feeds = calibration_feeds(_runner(float_sess), tokenizer, spec, max_context, calib_sequences)
+        chunks = calib_sequences * len(range(0, max_context - AR + 1, AR))
+        feeds = counted(calibration_feeds(_runner(float_sess), tokenizer, spec, max_context, calib_sequences),
+                        progress, "qnn: calibration chunks", chunks)
         progress(f"qnn: calibrating 16-bit activations on {calib_sequences} x {max_context} tokens of "
                  f"{CALIB_FILE} (chunks of {AR}), then 4-bit LPBQ weights")
         quant = quantize_w4a16(work / "float.onnx", work / "qdq.onnx", feeds, scheme)
