@@ -9,7 +9,6 @@ layout for q/k, and is checked against the spec's shapes before anything is buil
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -162,7 +161,9 @@ def config_errors(source: Path) -> Iterator[None]:
         yield
     except KeyError as exc:
         raise CheckpointError(f"{source}: required field {exc} is missing") from exc
-    except (TypeError, ValueError) as exc:
+    except ZeroDivisionError as exc:
+        raise CheckpointError(f"{source}: a count the model is divided by is zero ({exc})") from exc
+    except (TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise CheckpointError(f"{source}: a field has the wrong type ({exc})") from exc
     except CheckpointError as exc:
         if str(source) in str(exc):
@@ -171,15 +172,10 @@ def config_errors(source: Path) -> Iterator[None]:
 
 
 def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{path}: file is missing") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
+    """A checkpoint's JSON file: a regular file of sane size holding one strict JSON object."""
+    from llamaship.safe_io import read_json_object
+
+    return read_json_object(path, CheckpointError, f"{path.name}")
 
 
 def load_spec(model: str | Path) -> ModelSpec:

@@ -10,7 +10,6 @@ this way the file's pages stay in the page cache, not in the process's RSS.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -72,9 +71,16 @@ def shape_of(state: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
 
 
 def read_safetensors_lazy(files: list[Path], rename: Callable[[str], str | None], state: LazyState) -> None:
-    """Add every tensor of `files` (renamed; None drops it) to `state` without reading its data."""
+    """Add every tensor of `files` (renamed; None drops it) to `state` without reading its data.
+
+    The header is checked the way the safetensors library checks it, because a corrupt one
+    otherwise exports garbage with exit 0: each byte range non-negative, in bounds, of exactly
+    dtype x shape bytes, no two overlapping, no name twice (in a file or across shards)."""
+    from llamaship.safe_io import parse_json_object, regular_file
+
+    seen: dict[str, Path] = {}
     for path in files:
-        size = path.stat().st_size
+        size = regular_file(path, CheckpointError, "safetensors file")
         try:
             with open(path, "rb") as f:
                 head = f.read(8)
@@ -83,29 +89,48 @@ def read_safetensors_lazy(files: list[Path], rename: Callable[[str], str | None]
                 (n,) = struct.unpack("<Q", head)
                 if n > MAX_HEADER or 8 + n > size:
                     raise ValueError(f"header length {n} does not fit a {size}-byte file")
-                header = json.loads(f.read(n))
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
+                raw = f.read(n)
+        except (OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: cannot read safetensors file ({exc}); it is truncated or corrupt: "
                                   "download or convert it again") from exc
-        base = 8 + n
+        header = parse_json_object(raw, path, CheckpointError, "safetensors header")
+        base, ranges = 8 + n, []
         for key, info in header.items():
             if key == "__metadata__":
                 continue
-            ours = rename(key)
-            if ours is None:
-                continue
             try:
                 dtype = DTYPES[info["dtype"]]
-                shape = tuple(int(d) for d in info["shape"])
-                begin, end = (int(o) for o in info["data_offsets"])
+                shape = tuple(_count(d) for d in info["shape"])
+                begin, end = (_count(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError) as exc:
-                raise CheckpointError(f"{path}: tensor {key} has a malformed header entry ({exc})") from exc
+                raise CheckpointError(f"{path}: tensor {key} has a malformed header entry ({exc}); the file "
+                                      "is corrupt: download or convert it again") from exc
             nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             if end - begin != nbytes or base + end > size:
                 raise CheckpointError(
-                    f"{path}: tensor {key} needs bytes {begin}..{end} of the data but the file has "
-                    f"{size - base}; it is truncated or corrupt: download or convert it again")
-            state.add(ours, _reader(path, base + begin, nbytes, dtype, shape), shape)
+                    f"{path}: tensor {key} needs bytes {begin}..{end} of the data ({nbytes} for "
+                    f"{info['dtype']} {list(shape)}) but the file has {size - base}; it is truncated or "
+                    "corrupt: download or convert it again")
+            ranges.append((begin, end, key))
+            if key in seen:
+                raise CheckpointError(f"{path}: tensor {key} is also in {seen[key]}; the shards do not belong "
+                                      "together")
+            seen[key] = path
+            ours = rename(key)
+            if ours is not None:
+                state.add(ours, _reader(path, base + begin, nbytes, dtype, shape), shape)
+        ranges.sort()
+        for (_, end_a, a), (begin_b, _, b) in zip(ranges, ranges[1:], strict=False):
+            if begin_b < end_a:
+                raise CheckpointError(f"{path}: tensors {a} and {b} claim the same bytes; the file is corrupt: "
+                                      "download or convert it again")
+
+
+def _count(value: object) -> int:
+    """A header number: a non-negative integer (JSON floats and booleans are not)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{value!r} is not a non-negative integer")
+    return value
 
 
 def _reader(path: Path, offset: int, nbytes: int, dtype: torch.dtype,

@@ -119,8 +119,14 @@ def build_tokenizer(meta: dict[str, Any], source: Path) -> Tokenizer:
         eos=name("tokenizer.ggml.eos_token_id"),
         stops=stops,
         add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
-        chat_template=meta.get("tokenizer.chat_template"),
+        chat_template=_text_or_none(meta.get("tokenizer.chat_template")),
     )
+
+
+def _text_or_none(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise CheckpointError(f"tokenizer.chat_template is a {type(value).__name__}, not text")
 
 
 def read_gguf(path: Path) -> tuple[Any, dict[str, Any]]:
@@ -182,7 +188,14 @@ def load_gguf(path: Path) -> Checkpoint:
     import gguf
 
     reader, meta = read_gguf(path)
-    tokenizer = build_tokenizer(meta, path)
+    try:
+        tokenizer = build_tokenizer(meta, path)
+    except Exception as exc:
+        if isinstance(exc, (CheckpointError, UnsupportedError)):
+            raise
+        # the tokenizers library raises its own Exception subclasses on bad vocab/merges
+        raise CheckpointError(f"{path}: the GGUF tokenizer metadata is malformed ({type(exc).__name__}: "
+                              f"{str(exc)[:200]}); re-convert the model with llama.cpp's convert script") from exc
     spec = gguf_spec(meta, path)
 
     state: dict[str, torch.Tensor] = {}
@@ -198,7 +211,13 @@ def load_gguf(path: Path) -> Checkpoint:
                 "dequantize"
             ) from exc
         shape = [int(s) for s in reversed(t.shape.tolist())]
-        tensor = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
+        if ours in state:
+            raise CheckpointError(f"{path}: tensor {t.name} appears twice; the file is corrupt")
+        try:
+            tensor = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: tensor {t.name} does not hold {shape} values ({exc}); the file "
+                                  "is corrupt") from exc
         if ours.endswith("attention.wq.weight"):
             tensor = permute_meta_to_half(tensor, spec.n_heads)
         elif ours.endswith("attention.wk.weight"):

@@ -56,6 +56,7 @@ def our_name(hf: str) -> str | None:
 def spec_from_config(cfg: dict[str, Any], source: Path, name: str) -> ModelSpec:
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures") or []
+    archs = [str(a) for a in archs] if isinstance(archs, list) else [str(archs)]
     if model_type != "llama" or (archs and "LlamaForCausalLM" not in archs):
         raise UnsupportedError(
             f"{source}: architecture {model_type!r} ({', '.join(archs) or 'no architectures'}) is "
@@ -64,19 +65,27 @@ def spec_from_config(cfg: dict[str, Any], source: Path, name: str) -> ModelSpec:
         )
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise UnsupportedError(f"{source}: attention/MLP biases are not supported")
-    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
-    scaling = None
-    if rope_type == "llama3":
-        scaling = RopeScaling(
-            factor=float(rope["factor"]),
-            low_freq_factor=float(rope["low_freq_factor"]),
-            high_freq_factor=float(rope["high_freq_factor"]),
-            original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-        )
-    elif rope_type not in ("default", None):
-        raise UnsupportedError(f"{source}: rope scaling type {rope_type!r} is not supported")
+    with config_errors(source):
+        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise CheckpointError(f"rope_scaling must be an object, got {type(rope).__name__}")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        scaling = None
+        if rope_type == "llama3":
+            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            absent = [k for k in keys if k not in rope]
+            if absent:
+                raise CheckpointError(f"rope_scaling of type 'llama3' is incomplete: {absent} missing "
+                                      "(Llama 3.1's config.json has all four)")
+            scaling = RopeScaling(
+                factor=float(rope["factor"]),
+                low_freq_factor=float(rope["low_freq_factor"]),
+                high_freq_factor=float(rope["high_freq_factor"]),
+                original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+            )
+        elif rope_type not in ("default", None):
+            raise UnsupportedError(f"{source}: rope scaling type {rope_type!r} is not supported")
     with config_errors(source):
         heads = cfg["num_attention_heads"]
         return ModelSpec(
@@ -92,8 +101,14 @@ def spec_from_config(cfg: dict[str, Any], source: Path, name: str) -> ModelSpec:
             rope_scaling=scaling,
             tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             max_context=int(cfg.get("max_position_embeddings", 2048)),
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            head_dim=cfg.get("head_dim") or _div(cfg["hidden_size"], heads, "num_attention_heads"),
         )
+
+
+def _div(a: Any, b: Any, name: str) -> int:
+    if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
+        raise CheckpointError(f"{name} must be a positive integer, got {b!r}")
+    return int(a) // b
 
 
 def weight_files(folder: Path) -> list[Path]:

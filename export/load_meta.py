@@ -22,6 +22,11 @@ LLAMA31_ROPE_SCALING = RopeScaling(8.0, 1.0, 4.0, 8192)
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
     """The FFN width Meta's model.py derives from params.json."""
+    if not isinstance(multiple_of, int) or isinstance(multiple_of, bool) or multiple_of <= 0:
+        raise CheckpointError(f"multiple_of must be a positive integer, got {multiple_of!r}")
+    if ffn_dim_multiplier is not None and not (isinstance(ffn_dim_multiplier, (int, float))
+                                               and 0 < ffn_dim_multiplier < 100):
+        raise CheckpointError(f"ffn_dim_multiplier must be a positive number, got {ffn_dim_multiplier!r}")
     hidden = int(2 * (4 * dim) / 3)
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
@@ -33,7 +38,7 @@ def spec_from_params(params: dict[str, Any], vocab_size: int, source: Path, name
         raise UnsupportedError(f"{source}: mixture-of-experts checkpoints are not supported")
     with config_errors(source):
         dim, n_heads = params["dim"], params["n_heads"]
-        if not isinstance(dim, int) or not isinstance(n_heads, int) or n_heads <= 0:
+        if not isinstance(dim, int) or not isinstance(n_heads, int) or n_heads <= 0 or dim <= 0:
             raise CheckpointError(f"{source}: dim and n_heads must be positive integers")
         vocab = params.get("vocab_size", -1)
         return ModelSpec(
@@ -54,6 +59,9 @@ def spec_from_params(params: dict[str, Any], vocab_size: int, source: Path, name
 
 
 def load_pth(path: Path) -> dict[str, torch.Tensor]:
+    from llamaship.safe_io import regular_file
+
+    regular_file(path, CheckpointError, "weights file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:

@@ -8,6 +8,7 @@ quantization, validation, the manifest) sees one shape of model whatever the sou
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,16 @@ class RopeScaling:
     low_freq_factor: float
     high_freq_factor: float
     original_max_position_embeddings: int
+
+    def validate(self) -> None:
+        r = self
+        if not all(math.isfinite(v) and v > 0 for v in (r.factor, r.low_freq_factor, r.high_freq_factor)):
+            raise CheckpointError(f"rope_scaling factors must be finite positive numbers, got {r}")
+        if r.high_freq_factor <= r.low_freq_factor:
+            raise CheckpointError(f"rope_scaling high_freq_factor ({r.high_freq_factor}) must exceed "
+                                  f"low_freq_factor ({r.low_freq_factor})")
+        if r.original_max_position_embeddings <= 0:
+            raise CheckpointError("rope_scaling original_max_position_embeddings must be positive")
 
 
 @dataclass(frozen=True)
@@ -55,7 +66,7 @@ class ModelSpec:
         """Reject configs that cannot describe a Llama; called by every loader."""
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "head_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise CheckpointError(f"{name} must be a positive integer, got {value!r}")
             if value > 1_000_000:
                 raise CheckpointError(f"{name}={value} is absurdly large for a Llama model")
@@ -67,8 +78,12 @@ class ModelSpec:
             raise CheckpointError(f"head_dim={self.head_dim} must be even for RoPE")
         if not (0 < self.norm_eps < 1):
             raise CheckpointError(f"norm_eps={self.norm_eps} is out of range (0, 1)")
-        if self.rope_theta <= 0:
-            raise CheckpointError(f"rope_theta={self.rope_theta} must be positive")
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise CheckpointError(f"rope_theta={self.rope_theta} must be a finite positive number")
+        if not isinstance(self.max_context, int) or isinstance(self.max_context, bool) or self.max_context <= 0:
+            raise CheckpointError(f"max_context={self.max_context!r} must be a positive integer")
+        if self.rope_scaling is not None:
+            self.rope_scaling.validate()
         for tok in (self.bos_id, self.eos_id, *self.stop_ids):
             if tok is not None and not (0 <= tok < self.vocab_size):
                 raise CheckpointError(

@@ -20,6 +20,8 @@ from typing import Any
 from llamaship.errors import CheckpointError
 from llamaship.export.spec import ModelSpec
 
+MAX_TOKENIZER_BYTES = 256 << 20  # Llama 3's tokenizer.json is 9 MB, its tiktoken file 2 MB
+
 LLAMA2_CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token }}[INST] {{ m['content'] }} "
     "[/INST]{% elif m['role'] == 'assistant' %} {{ m['content'] }} {{ eos_token }}{% endif %}"
@@ -139,19 +141,23 @@ class Tokenizer:
 def render_chat(
     template: str | None, messages: list[dict[str, str]], bos_token: str, eos_token: str
 ) -> str:
-    """Render a Jinja chat template the way transformers does, ending with the assistant's turn."""
+    """Render a Jinja chat template the way transformers does, ending with the assistant's turn.
+
+    The template is data from a checkpoint or a bundle, so it runs in Jinja's immutable sandbox
+    (no attribute walks to `os`, no mutation), within a size and time budget (see llamaship.chat)."""
+    from llamaship.chat import render_sandboxed
+
     if not template:
         raise CheckpointError("this model has no chat template; use a plain prompt")
-    import jinja2
-
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(
-        messages=messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token
-    )
+    return render_sandboxed(template, messages=messages, add_generation_prompt=True,
+                            bos_token=bos_token, eos_token=eos_token)
 
 
 def is_tiktoken_file(path: Path) -> bool:
     """Llama 3's tokenizer.model is text: `<base64 bytes> <rank>` per line."""
+    from llamaship.safe_io import regular_file
+
+    regular_file(path, CheckpointError, "tokenizer file", MAX_TOKENIZER_BYTES)
     with open(path, "rb") as f:
         head = f.read(4096)
     try:
@@ -200,6 +206,10 @@ def load_tokenizer_model(path: Path) -> Tokenizer:
 def load_tokenizer_json(path: Path, config: dict[str, Any]) -> Tokenizer:
     from tokenizers import Tokenizer as HFTok
 
+    from llamaship.safe_io import regular_file
+
+    regular_file(path, CheckpointError, "tokenizer file", MAX_TOKENIZER_BYTES)
+
     try:
         tok = HFTok.from_file(str(path))
     except Exception as exc:
@@ -216,7 +226,10 @@ def _token_str(value: Any) -> str | None:
 def from_hf_tokenizer(tok: Any, path: Path | None, config: dict[str, Any]) -> Tokenizer:
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: take the default
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{path}: chat_template is a {type(template).__name__}, not text")
     bos = _token_str(config.get("bos_token"))
     eos = _token_str(config.get("eos_token"))
     add_bos = bool(config.get("add_bos_token", bos is not None and _post_processor_adds(tok, bos)))
@@ -236,10 +249,12 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     config_path = folder / "tokenizer_config.json"
     config: dict[str, Any] = {}
     if config_path.exists():
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from exc
+        from llamaship.safe_io import read_json_object
+
+        config = read_json_object(config_path, CheckpointError, "tokenizer_config.json")
+        template = config.get("chat_template")
+        if template is not None and not isinstance(template, (str, list)):
+            raise CheckpointError(f"{config_path}: chat_template is a {type(template).__name__}, not text")
     model_file, json_file = folder / "tokenizer.model", folder / "tokenizer.json"
     if model_file.exists():
         tok = load_tokenizer_model(model_file)

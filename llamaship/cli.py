@@ -1,8 +1,11 @@
 """`llamaship` command line: a thin layer over llamaship.pipeline / bundle / targets.
 
-Exit codes: 0 success; 1 unexpected error; 2 bad checkpoint or missing evaluation/calibration
-text; 3 unsupported request; 4 bundle invalid or output exists; 5 export failed; 6 runtime failed; 7 a validation gate
-failed (the bundle and its report are written); 130 interrupted.
+Exit codes: 0 success; 1 internal error (a llamaship bug: rerun with --debug for the traceback and
+report it); 2 bad checkpoint or missing evaluation/calibration text; 3 unsupported request; 4 bundle
+invalid, or output exists or may not be replaced; 5 export failed; 6 runtime failed; 7 a validation
+gate failed (the bundle and its report are written); 64 usage error (a flag or value the command
+does not take); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). Nothing is left half-written
+on 1, 2-6, 130 or 143.
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from llamaship import __version__
 from llamaship.errors import LlamashipError
@@ -19,23 +23,69 @@ from llamaship.progress import Reporter
 from llamaship.quiet import quiet_library_warnings
 
 EXIT_CODES = __doc__.split("Exit codes:", 1)[1].strip()
+EVAL_MIN, EVAL_MAX = 256, 262_144  # two windows at least; the WikiText-2 test text holds about 300k tokens
 
 
-_INTERRUPTED = False
+USAGE_EXIT = 64  # sysexits' EX_USAGE: not 2, which means "bad checkpoint" here
+_INTERRUPTED = 0  # the signal number that stopped us, once one did
 
 
-def _on_sigint(signum: int, frame: object) -> None:
-    """Ctrl-C: raise KeyboardInterrupt as Python does, and remember it. Some library code (import
-    fallbacks in the torch stack) catches BaseException; a test once saw an export carry on to
-    exit 0 after SIGINT. Every progress line re-raises a remembered interrupt."""
+def _on_signal(signum: int, frame: object) -> None:
+    """Ctrl-C or SIGTERM: raise KeyboardInterrupt as Python does for Ctrl-C, and remember it. Some
+    library code (import fallbacks in the torch stack) catches BaseException; a test once saw an
+    export carry on to exit 0 after SIGINT. Every progress line re-raises a remembered interrupt."""
     global _INTERRUPTED
-    _INTERRUPTED = True
+    _INTERRUPTED = signum
     raise KeyboardInterrupt
 
 
 def _check_interrupt() -> None:
     if _INTERRUPTED:
         raise KeyboardInterrupt
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(USAGE_EXIT, f"{self.prog}: error: {message}\n")
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [lo, hi], so that -1 or 0 cannot mean 'the whole corpus'."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: use {lo}..{hi}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def _float_in(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not lo <= value <= hi:  # NaN fails this too
+            raise argparse.ArgumentTypeError(f"{text} is out of range: use {lo}..{hi}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def _text(text: str) -> str:
+    """Text a tokenizer will see: argv that is not valid UTF-8 arrives with surrogate escapes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("not valid UTF-8 text") from None
+    if "\x00" in text:
+        raise argparse.ArgumentTypeError("holds a NUL character")
+    return text
 
 
 def _reporter() -> Reporter:
@@ -47,6 +97,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from llamaship.pipeline import export_bundle
     from llamaship.quantize.scheme import QuantScheme
 
+    if not args.out.strip():
+        from llamaship.errors import BundleError
+
+        raise BundleError("--out is empty; name the bundle folder to create, e.g. --out bundles/my-model")
     scheme = None
     if args.quant != "fp32":
         scheme = QuantScheme(
@@ -75,9 +129,12 @@ def cmd_export(args: argparse.Namespace) -> int:
             onnx_algorithm=args.onnx_algorithm,
             progress=progress,
         )
+    from llamaship.bundle import bundle_digest
+
     files = manifest["files"]
     size = sum(f["size"] for f in files.values())
     print(f"bundle written: {args.out} ({len(files)} files, {size / 1e6:.1f} MB)")
+    print(f"bundle digest: sha256:{bundle_digest(Path(args.out))} (keep it; `llamaship verify --digest` checks it)")
     for name, entry in files.items():
         print(f"  {name:24s} {entry['size'] / 1e6:9.1f} MB  sha256 {entry['sha256'][:16]}…")
     print(f"export: {manifest['export']['seconds']} s, peak RSS {manifest['export']['peak_rss_mb']} MB")
@@ -131,28 +188,40 @@ def print_validation(bundle: Path) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from llamaship.bundle import read_manifest, verify_bundle, write_manifest
+    from llamaship.bundle import read_manifest, updating, write_manifest
     from llamaship.errors import BundleError
     from llamaship.export.checkpoint import load_checkpoint
     from llamaship.pipeline import run_validation
     from llamaship.targets.profile import load_profile
 
     bundle = Path(args.bundle)
-    problems = verify_bundle(bundle)
-    if problems:
-        raise BundleError(f"{bundle}: fails verification ({problems[0]}); run `llamaship verify`")
+    _verified(bundle)
     manifest = read_manifest(bundle)
-    source = args.model or manifest["model"]["source"]
-    with _reporter() as progress:
+    profiles = [load_profile(p) for p in args.profile or ["x86_emulator"]]
+    source = args.model or manifest.get("model", {}).get("source")
+    if not isinstance(source, str) or not source:
+        raise BundleError(f"{bundle}: the manifest does not name its source checkpoint; pass --model")
+    with _reporter() as progress, updating(bundle) as staged:  # a failure leaves the bundle as it was
         ckpt = load_checkpoint(source, progress=progress)
-        if ckpt.sha256() != manifest["model"]["source_sha256"]:
+        if ckpt.sha256() != manifest["model"].get("source_sha256"):
             raise BundleError(f"{source}: not the checkpoint this bundle was exported from (sha256 differs)")
-        profiles = [load_profile(p) for p in args.profile or ["x86_emulator"]]
         meta = {k: v for k, v in manifest.items() if k not in ("files", "schema_version")}
-        meta["validation"] = run_validation(ckpt, bundle, meta, profiles, args.eval_tokens, progress)
-    write_manifest(bundle, meta)
+        meta["validation"] = run_validation(ckpt, staged, meta, profiles, args.eval_tokens, progress)
+        write_manifest(staged, meta)
     print_validation(bundle)
     return 0 if meta["validation"]["passed"] else 7
+
+
+def _verified(bundle: Path, hashes: bool = True) -> None:
+    """Every command that uses a bundle checks it first: paths, the manifest's digest and (unless
+    `hashes` is off) every file's sha256."""
+    from llamaship.bundle import verify_bundle
+    from llamaship.errors import BundleError
+
+    problems = verify_bundle(bundle, hashes=hashes)
+    if problems:
+        raise BundleError(f"{bundle}: refusing to use a damaged or altered bundle ({'; '.join(problems[:3])}); "
+                          "re-export or re-copy it (`llamaship verify` lists every problem)")
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -174,30 +243,27 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from llamaship.bundle import artifact_path, read_manifest
-    from llamaship.errors import UnsupportedError
+    from llamaship.bundle import artifact_path, bundle_path, read_manifest
+    from llamaship.errors import BundleError, UnsupportedError
     from llamaship.targets.executorch_runtime import generate
 
     bundle = Path(args.bundle)
+    _verified(bundle, hashes=not args.no_verify)
     manifest = read_manifest(bundle)
-    if not args.no_verify:
-        from llamaship.bundle import verify_bundle
-        from llamaship.errors import BundleError
-
-        problems = verify_bundle(bundle)
-        if problems:
-            raise BundleError(f"{bundle}: refusing to run a damaged bundle ({'; '.join(problems[:3])}); "
-                              "re-export or re-copy it (`llamaship verify` lists every problem)")
     formats = [a["format"] for a in manifest.get("artifacts", [])]
     fmt = args.format or (formats[0] if formats else "executorch")
     model_path = artifact_path(bundle, manifest, fmt)
-    tok = manifest["tokenizer"]
+    tok = manifest.get("tokenizer") or {}
     prompt = args.prompt
     if args.chat:
+        from llamaship.chat import ChatTemplateError
         from llamaship.export.tokenizer import render_chat
 
-        prompt = render_chat(tok.get("chat_template"), [{"role": "user", "content": prompt}],
-                             tok.get("bos_token", ""), tok.get("eos_token", ""))
+        try:
+            prompt = render_chat(tok.get("chat_template"), [{"role": "user", "content": prompt}],
+                                 str(tok.get("bos_token") or ""), str(tok.get("eos_token") or ""))
+        except ChatTemplateError as exc:
+            raise BundleError(f"{bundle / 'manifest.json'}: {exc}; run without --chat") from exc
     num_bos = 1 if tok.get("add_bos") and tok.get("bos_id") is not None else 0
     if tok.get("bos_token") and prompt.startswith(tok["bos_token"]):
         num_bos = 0  # the chat template already starts with BOS
@@ -213,7 +279,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         if args.temperature != 0.0:
             raise UnsupportedError(f"--temperature is not supported for {fmt} yet (greedy only)")
-        tok_path = bundle / tok["path"]
+        tok_path = bundle_path(bundle, tok.get("path"))
         tokenizer = (load_tokenizer_json(tok_path, {}) if tok_path.suffix == ".json"
                      else load_tokenizer_model(tok_path))
         ids = ([tok["bos_id"]] if num_bos else []) + tokenizer.encode(prompt, bos=False, special=True)
@@ -244,7 +310,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               bos_id=tok.get("bos_id") if num_bos else None)
         runtime = "onnxruntime-genai on this host"
     else:
-        gen = generate(model_path, bundle / tok["path"], prompt, max_new_tokens=args.max_new_tokens,
+        gen = generate(model_path, bundle_path(bundle, tok.get("path")), prompt, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, num_bos=num_bos, on_text=show)
         st = gen.stats | {"ttft_ms": gen.ttft_ms, "prefill_token_per_sec": gen.prefill_tok_s,
                           "decode_token_per_sec": gen.decode_tok_s}
@@ -272,6 +338,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from llamaship.profiling.run import profile_bundle
     from llamaship.targets.report import write_report
 
+    _verified(Path(args.bundle))
     runner = Path(args.runner)
     if not runner.is_file():
         from llamaship.errors import UnsupportedError
@@ -293,20 +360,22 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from llamaship.bundle import verify_bundle
+    from llamaship.bundle import bundle_digest, verify_bundle
 
-    problems = verify_bundle(Path(args.bundle))
+    problems = verify_bundle(Path(args.bundle), digest=args.digest)
     if problems:
         for p in problems:
             print(f"FAIL {p}", file=sys.stderr)
         print(f"{args.bundle}: {len(problems)} problem(s); do not ship this bundle", file=sys.stderr)
         return 4
-    print(f"{args.bundle}: OK, every file matches its sha256")
+    pinned = "matches the digest you gave" if args.digest else "recorded in manifest.json.sha256"
+    print(f"{args.bundle}: OK, every file matches its sha256; bundle digest sha256:{bundle_digest(Path(args.bundle))} "
+          f"({pinned})")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="llamaship",
         description="Export Llama checkpoints to validated on-device bundles.",
         epilog="exit codes: " + EXIT_CODES,
@@ -317,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also show the libraries' warnings and the runtimes' native log lines "
                         "(ExecuTorch's C++ runner, tokenizers), which are hidden by default; put it "
                         "before the command: llamaship --verbose export ...")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an internal error, show the Python traceback (hidden by default: it is a "
+                        "llamaship bug to report, not something to act on); put it before the command")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ex = sub.add_parser("export", help="export a checkpoint into a device bundle",
@@ -326,7 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="HF folder (config.json + safetensors), Meta folder (params.json + "
                     "consolidated.00.pth), .gguf file, or Hub id; default: the embedded "
                     "SmolLM2-135M-Instruct GGUF")
-    ex.add_argument("--out", required=True, help="bundle folder to create (must not exist)")
+    ex.add_argument("--out", required=True,
+                    help="bundle folder to create (must not exist; with --force, an existing bundle or empty "
+                    "folder is replaced, never the working folder, home, / or a folder holding the checkpoint)")
     ex.add_argument("--format", action="append",
                     choices=["executorch", "onnx", "coreml", "executorch_coreml", "qnn"],
                     help="artifact format(s), repeatable: executorch (.pte, XNNPACK), onnx "
@@ -362,24 +436,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="onnx: how int4 weights are rounded: k_quant (default; llama.cpp-style search "
                     "for each block's scale and zero point, always asymmetric) or rtn (onnxruntime's "
                     "round-to-nearest, symmetric unless --asymmetric)")
-    ex.add_argument("--max-context", type=int, default=2048,
+    ex.add_argument("--max-context", type=_int_in(16, 1 << 20), default=2048,
                     help="KV cache length = longest prompt + generation (default 2048, capped at "
                     "the model's own)")
-    ex.add_argument("--max-seq-len", type=int, default=128,
+    ex.add_argument("--max-seq-len", type=_int_in(1, 8192), default=128,
                     help="most tokens per forward call (the runner prefills longer prompts in chunks "
                     "of this size); activation memory scales with it (default 128)")
-    ex.add_argument("--prompt", default="The capital of France is", help="smoke-test prompt")
+    ex.add_argument("--prompt", type=_text, default="The capital of France is", help="smoke-test prompt")
     ex.add_argument("--no-smoke", action="store_true", help="skip the smoke generation")
-    ex.add_argument("--smoke-tokens", type=int, default=32, metavar="N",
+    ex.add_argument("--smoke-tokens", type=_int_in(1, 4096), default=32, metavar="N",
                     help="tokens the smoke generation makes (default 32)")
-    ex.add_argument("--force", action="store_true", help="replace --out if it exists")
+    ex.add_argument("--force", action="store_true",
+                    help="replace --out if it is an existing llamaship bundle or an empty folder")
     ex.add_argument("--target", action="append", metavar="PROFILE",
                     help="validate for this target: x86_emulator (default), qualcomm, apple, or a "
                     "profile .toml; repeatable")
     ex.add_argument("--no-validate", action="store_true",
                     help="skip accuracy/speed validation (no report in the bundle)")
-    ex.add_argument("--eval-tokens", type=int, default=4096,
-                    help="WikiText-2 test tokens for the accuracy check during export (default 4096; "
+    ex.add_argument("--eval-tokens", type=_int_in(EVAL_MIN, EVAL_MAX), default=4096,
+                    help=f"WikiText-2 test tokens for the accuracy check during export, {EVAL_MIN}..{EVAL_MAX} "
+                    "(default 4096; "
                     "`llamaship validate` uses the profile's 32768)")
     ex.add_argument("--ignore-fit", action="store_true",
                     help="export even when the predicted RAM exceeds a target's budget")
@@ -390,11 +466,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "(the code the Android app links), or its ONNX model with onnxruntime-genai, "
                          "and print the stats.")
     gen.add_argument("bundle", help="bundle folder")
-    gen.add_argument("--prompt", required=True, help="prompt text")
+    gen.add_argument("--prompt", required=True, type=_text, help="prompt text (UTF-8)")
     gen.add_argument("--chat", action="store_true",
                      help="wrap the prompt in the model's chat template as a user turn")
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--max-new-tokens", type=_int_in(1, 1 << 16), default=64,
+                     help="tokens to generate, 1..65536 (default 64; the artifact's context length caps it)")
+    gen.add_argument("--temperature", type=_float_in(0.0, 10.0), default=0.0, help="0 = greedy (default), up to 10")
     gen.add_argument("--format", choices=["executorch", "onnx", "coreml", "executorch_coreml", "qnn"], default=None,
                      help="which artifact to run (default: the bundle's first): executorch runs the .pte "
                      "on ExecuTorch's C++ runner, onnx the ONNX folder on onnxruntime-genai, coreml the "
@@ -403,13 +480,18 @@ def build_parser() -> argparse.ArgumentParser:
                      "context binary on the QNN HTP simulator (slow: ~35 s per call for SmolLM2)")
     gen.add_argument("--json", action="store_true", help="print stats as one JSON line")
     gen.add_argument("--no-verify", action="store_true",
-                     help="skip re-checking every file's sha256 before loading (faster on multi-GB bundles)")
+                     help="skip re-checking every file's sha256 before loading (faster on multi-GB bundles); "
+                     "paths, sizes and the manifest's digest are still checked")
     gen.set_defaults(func=cmd_generate)
 
     ver = sub.add_parser("verify", help="re-check every file of a bundle against its sha256",
-                         description="Exit 0 when every file matches the manifest; 4 otherwise "
-                         "(flipped byte, missing or extra file, unsafe path, newer schema).")
+                         description="Exit 0 when every file matches the manifest and the manifest "
+                         "matches its digest; 4 otherwise (flipped byte, missing or extra file, unsafe path or "
+                         "symlink, edited manifest, newer schema).")
     ver.add_argument("bundle", help="bundle folder")
+    ver.add_argument("--digest", metavar="SHA256",
+                     help="the bundle digest export printed (sha256:...); the check fails unless manifest.json "
+                     "still hashes to it, which catches a manifest edited together with manifest.json.sha256")
     ver.set_defaults(func=cmd_verify)
 
     val = sub.add_parser("validate", help="measure a bundle's accuracy and speed for target profiles",
@@ -420,8 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--profile", action="append",
                      help="x86_emulator (default), qualcomm, apple, or a .toml file; repeatable")
     val.add_argument("--model", help="source checkpoint, if it moved since export (sha256 is checked)")
-    val.add_argument("--eval-tokens", type=int, default=None,
-                     help="evaluation slice length (default: the profile's, 32768)")
+    val.add_argument("--eval-tokens", type=_int_in(EVAL_MIN, EVAL_MAX), default=None,
+                     help=f"evaluation slice length, {EVAL_MIN}..{EVAL_MAX} (default: the profile's, 32768)")
     val.set_defaults(func=cmd_validate)
 
     prof = sub.add_parser("profile", help="measure a bundle's .pte on an Android phone over adb",
@@ -434,11 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--device", required=True, metavar="SERIAL", help="adb serial (see `adb devices`)")
     prof.add_argument("--runner", required=True,
                       help="llama_main built for the phone (ExecuTorch examples/models/llama, arm64-v8a)")
-    prof.add_argument("--runs", type=int, default=3, help="timed runs (default 3)")
-    prof.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs first (default 1)")
-    prof.add_argument("--threads", type=int, default=4,
+    prof.add_argument("--runs", type=_int_in(1, 1000), default=3, help="timed runs (default 3)")
+    prof.add_argument("--warmup", type=_int_in(0, 100), default=1, help="untimed warm-up runs first (default 1)")
+    prof.add_argument("--threads", type=_int_in(1, 64), default=4,
                       help="--cpu_threads for llama_main (default 4: the performance cores of most SoCs)")
-    prof.add_argument("--gen-tokens", type=int, default=128, help="tokens to generate per run (default 128)")
+    prof.add_argument("--gen-tokens", type=_int_in(1, 1 << 16), default=128,
+                      help="tokens to generate per run (default 128)")
     prof.add_argument("--adb", default="adb", help="adb executable (default: adb on PATH)")
     prof.add_argument("--no-push", action="store_true", help="files are already on the device")
     prof.add_argument("--out", help="report folder (default profile-SERIAL)")
@@ -451,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--model", help="checkpoint folder, config.json, params.json or .gguf "
                      "(default: the embedded SmolLM2)")
     fit.add_argument("--profile", action="append", help="profile name or .toml (default: all built-in)")
-    fit.add_argument("--context", type=int, default=None, help="KV cache length (default: the profile's)")
+    fit.add_argument("--context", type=_int_in(1, 1 << 22), default=None,
+                     help="KV cache length (default: the profile's)")
     fit.add_argument("--quant", choices=["8da4w", "8da8w", "fp32"], default="8da4w", help="weight scheme")
     fit.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128, 256], help="group size")
     fit.add_argument("--json", action="store_true", help="one JSON object per profile")
@@ -460,15 +544,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
     import signal
 
     args = build_parser().parse_args(argv)
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _on_sigint)
+    handlers = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(signum)
+        if current in (signal.default_int_handler, signal.SIG_DFL):
+            handlers[signum] = current
+            signal.signal(signum, _on_signal)
     if args.verbose:
-        import os
-
         os.environ["LLAMASHIP_VERBOSE"] = "1"  # read where native output is captured, and by children
     quiet_library_warnings()
     try:
@@ -477,20 +563,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        # The staging folder is already removed (bundle.staging_dir). Leave now with 130: a CI run
-        # once saw the process die of SIGINT (-2) during interpreter shutdown after this message,
-        # from native code's own signal handling, which scripts would read as a crash.
-        import os
-        import signal
-
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print("interrupted; nothing was written", file=sys.stderr)
+        # Staging folders are already removed (bundle.staging_dir / updating). Leave now with
+        # 128 + signal: a CI run once saw the process die of SIGINT (-2) during interpreter shutdown
+        # after this message, from native code's own signal handling, which scripts would read as a crash.
+        signum = _INTERRUPTED or signal.SIGINT
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+        what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+        print(f"{what}; nothing was written", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)
+        os._exit(128 + int(signum))
+    except Exception as exc:
+        if args.debug or os.environ.get("LLAMASHIP_DEBUG"):
+            raise
+        where = ""
+        tb = exc.__traceback__
+        while tb is not None:
+            where = f" at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
+            tb = tb.tb_next
+        print(f"error: internal error: {type(exc).__name__}: {str(exc)[:300]}{where}. This is a llamaship bug: "
+              "rerun with `llamaship --debug ...` for the traceback and report it", file=sys.stderr)
+        return 1
     finally:
-        if previous is signal.default_int_handler:
-            signal.signal(signal.SIGINT, previous)
+        for signum, previous in handlers.items():
+            signal.signal(signum, previous)
 
 
 if __name__ == "__main__":

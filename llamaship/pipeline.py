@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from llamaship import __version__, preflight
-from llamaship.bundle import staging_dir, write_manifest
-from llamaship.errors import BundleError, CheckpointError, RuntimeFailure, UnsupportedError
+from llamaship.bundle import check_replaceable, staging_dir, write_manifest
+from llamaship.errors import CheckpointError, ExportError, RuntimeFailure, UnsupportedError
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.targets.speed import peak_rss_mb
 
@@ -89,15 +89,22 @@ def export_bundle(
     if unknown:
         raise UnsupportedError(f"format(s) {unknown} not supported yet; available: {list(FORMATS)}")
     check_formats(formats, scheme, onnx_accuracy_level, onnx_algorithm)
-    if out.exists() and not force:  # fail before minutes of work, not after
-        raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
+    source = Path(model).expanduser() if model is not None else default_model()
+    check_replaceable(out, force, keep=source if source.exists() else None)  # before minutes of work
     out_parent = preflight.check_output_folder(out)
     preflight.check_data(validate, formats)
     from llamaship.export.checkpoint import load_checkpoint
 
     started = time.perf_counter()
-    ckpt = load_checkpoint(model if model is not None else default_model(), progress=progress)
+    ckpt = load_checkpoint(model if model is not None else source, progress=progress)
     spec = ckpt.spec
+    from llamaship.chat import template_problem
+
+    template_refused = template_problem(spec.chat_template, ckpt.tokenizer.token_text(spec.bos_id) or "",
+                                        ckpt.tokenizer.token_text(spec.eos_id) or "")
+    if template_refused:
+        progress(f"warning: the checkpoint's chat template is left out of the bundle: {template_refused}")
+        spec = ckpt.spec = spec.replace(chat_template=None)
     max_context = min(max_context, spec.max_context)
     if scheme is not None:
         scheme.check_fits(spec)
@@ -245,6 +252,7 @@ def export_bundle(
         if smoke_prompt:
             for art in artifacts:
                 art["smoke_test"] = smoke_test(art, tmp, tok_file, ckpt, smoke_prompt, smoke_tokens, progress)
+                check_smoke_text(art, ckpt.source)
             smoke = artifacts[0]["smoke_test"] if artifacts else None
         meta: dict[str, Any] = {
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -261,6 +269,7 @@ def export_bundle(
                 "add_bos": spec.add_bos, "eos_id": spec.eos_id, "stop_ids": list(spec.stop_ids),
                 "stop_tokens": [ckpt.tokenizer.token_text(i) for i in spec.stop_ids],
                 "chat_template": spec.chat_template,
+                **({"chat_template_refused": template_refused} if template_refused else {}),
             },
             "export": {"seconds": round(time.perf_counter() - started, 1),
                        "peak_rss_mb": round(max(peak_rss_mb(), pte_peak_rss or 0), 1), "stages_s": timings,
@@ -272,6 +281,25 @@ def export_bundle(
             meta["validation"] = run_validation(ckpt, tmp, meta, profiles, eval_tokens, progress, early)
         manifest = write_manifest(tmp, meta)
     return manifest
+
+
+NO_TEXT_PIECES = ("<unk>", "\u2047", "\ufffd")  # SentencePiece's unknown, its rendering, a broken byte
+
+
+def check_smoke_text(art: dict[str, Any], source: Path) -> None:
+    """A smoke answer of nothing but whitespace or unknown-token marks means the weights or the
+    graph are broken (a corrupt checkpoint once exported this way with exit 0): stop the export."""
+    smoke = art.get("smoke_test") or {}
+    if "text" not in smoke:
+        return
+    text = smoke["text"]
+    for piece in NO_TEXT_PIECES:
+        text = text.replace(piece, "")
+    if not text.strip():
+        raise ExportError(
+            f"the smoke test of {art['path']} answered {smoke['text']!r} to {smoke['prompt']!r}: no text, so the "
+            f"exported model is broken; check the checkpoint {source} (config and weights), or export with "
+            "--no-smoke to keep the bundle anyway")
 
 
 def check_formats(formats: tuple[str, ...], scheme: QuantScheme | None, onnx_accuracy_level: int,

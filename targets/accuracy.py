@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 from llamaship.data import EVAL_FILE, data_file
-from llamaship.errors import LlamashipError
+from llamaship.errors import DataError, UnsupportedError
 from llamaship.progress import advance
 
 CACHE_VERSION = 1
@@ -68,19 +70,61 @@ class EvalSlice:
 
 def make_slice(tokenizer: Any, n_tokens: int, window: int) -> EvalSlice:
     if window < 4:
-        raise LlamashipError(f"evaluation window {window} is too small")
+        raise UnsupportedError(f"evaluation window {window} is too small")
     text = find_eval_text().read_text()
     ids = tokenizer.encode(text[: n_tokens * 12], bos=False)  # ~4 chars/token: plenty, not all
     if len(ids) < n_tokens:
         ids = tokenizer.encode(text, bos=False)
     n = min(n_tokens, len(ids)) // window * window
     if n == 0:
-        raise LlamashipError(f"evaluation slice of {n_tokens} tokens is shorter than one window ({window})")
+        raise DataError(f"evaluation slice of {n_tokens} tokens is shorter than one window ({window})")
     return EvalSlice(tuple(ids[:n]), window)
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("LLAMASHIP_CACHE", Path.home() / ".cache" / "llamaship")) / "reference"
+
+
+def usable_cache(progress: Callable[[str], None]) -> Path | None:
+    """The reference cache folder, or None (with a warning) when it cannot be used: LLAMASHIP_CACHE
+    naming a file or a read-only folder costs a recomputation, not the run."""
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK | os.X_OK):
+            return folder
+    except OSError:
+        pass
+    progress(f"warning: the reference cache {folder} is not a writable folder (LLAMASHIP_CACHE); computing the "
+             "fp32 reference without caching it")
+    return None
+
+
+def sweep_stale_tmp(folder: Path) -> None:
+    """Remove `*.tmp<pid>.npy` files whose process is gone (a validation killed with SIGKILL runs
+    no cleanup and once left 1.8 GB behind)."""
+    for path in folder.glob("*.tmp*.npy"):
+        pid = path.name.rsplit(".tmp", 1)[-1].removesuffix(".npy")
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except PermissionError:
+            continue
+
+
+def _load_cached(path: Path, shape: tuple[int, ...], progress: Callable[[str], None]) -> np.ndarray | None:
+    try:
+        cached = np.load(path, mmap_mode="r")
+        if cached.shape == shape and cached.dtype == np.float16:
+            return cached
+    except (OSError, ValueError, EOFError):
+        pass
+    progress(f"warning: {path} is not a valid cached reference; recomputing it")
+    path.unlink(missing_ok=True)
+    return None
 
 
 def reference_logprobs(
@@ -89,17 +133,20 @@ def reference_logprobs(
 ) -> np.ndarray:
     """[n_windows, n_scored, vocab] float16 log-probs of the fp32 module, from cache if present.
     `model` must be a Llama built with impl="torch", full_logits=True."""
-    path = cache_dir() / f"{eval_slice.key(model_sha)}.npy"
-    if path.exists():
-        return np.load(path, mmap_mode="r")
-    path.parent.mkdir(parents=True, exist_ok=True)
     vocab = model.spec.vocab_size  # type: ignore[attr-defined]
+    shape = (eval_slice.n_windows, eval_slice.n_scored, vocab)
+    folder = usable_cache(progress)
+    transient = folder is None
+    if folder is None:
+        folder = Path(tempfile.mkdtemp(prefix="llamaship-reference-"))
+    path = folder / f"{eval_slice.key(model_sha)}.npy"
+    if path.exists() and (cached := _load_cached(path, shape, progress)) is not None:
+        return cached
+    sweep_stale_tmp(folder)
     tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    out = np.lib.format.open_memmap(
-        tmp, mode="w+", dtype=np.float16, shape=(eval_slice.n_windows, eval_slice.n_scored, vocab)
-    )
     s, e = eval_slice.first_scored, eval_slice.first_scored + eval_slice.n_scored
     try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
         for w, window in enumerate(eval_slice.windows()):
             with torch.no_grad():
                 logits = model(torch.tensor([window]), torch.tensor([0]))[0, s:e]
@@ -108,10 +155,16 @@ def reference_logprobs(
         out.flush()
         del out
         os.replace(tmp, path)
+        result = np.load(path, mmap_mode="r")
+    except OSError as exc:
+        raise DataError(f"cannot write the fp32 reference in {folder} ({exc.strerror or exc}); free disk "
+                             "space there or point LLAMASHIP_CACHE at another disk") from exc
     finally:
         if tmp.exists():
             tmp.unlink()
-    return np.load(path, mmap_mode="r")
+        if transient:
+            shutil.rmtree(folder, ignore_errors=True)  # the memory map keeps the data readable
+    return result
 
 
 @dataclass

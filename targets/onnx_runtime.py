@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llamaship.errors import RuntimeFailure
+from llamaship.errors import RuntimeFailure, UnsupportedError
 
 
 def _decoder_config(folder: Path) -> dict[str, Any]:
@@ -114,7 +114,7 @@ def generate_ids(
     return new, {
         "prompt_tokens": len(prompt_ids), "generated_tokens": len(new),
         "ttft_ms": (first - t0) * 1000,
-        "prefill_tok_s": len(prompt_ids) / max(first - t0, 1e-9),
+        "prefill_tok_s": len(prompt_ids) / max(first - t0, 1e-9) if new else 0.0,
         "decode_tok_s": decoded / max(end - first, 1e-9) if decoded else 0.0,
     }
 
@@ -133,7 +133,8 @@ def generate_text(
     load_ms = (time.perf_counter() - t) * 1000
     tokenizer = og.Tokenizer(model)
     stream = tokenizer.create_stream()
-    eos = json.loads((folder / "genai_config.json").read_text())["model"].get("eos_token_id")
+    config = json.loads((folder / "genai_config.json").read_text())["model"]
+    eos = config.get("eos_token_id")
     stops = {eos} if isinstance(eos, int) else set(eos or [])
     pieces: list[str] = []
 
@@ -148,6 +149,12 @@ def generate_text(
     prompt_ids = [int(i) for i in tokenizer.encode(prompt)]
     if bos_id is not None and prompt_ids[:1] != [bos_id]:
         prompt_ids.insert(0, bos_id)
+    context = int(config.get("context_length") or 0)
+    if context and len(prompt_ids) >= context:
+        raise UnsupportedError(f"the prompt is {len(prompt_ids)} tokens but {folder}'s context is {context}: "
+                               "shorten it, or export with a larger --max-context")
+    if context:
+        max_new_tokens = min(max_new_tokens, context - len(prompt_ids))
     _, st = generate_ids(model, prompt_ids, max_new_tokens, emit)
     return "".join(pieces), {
         "prompt_tokens": st["prompt_tokens"], "generated_tokens": st["generated_tokens"],

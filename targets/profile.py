@@ -6,12 +6,13 @@ x86_emulator); `--profile FILE` loads a user's own with the same keys.
 
 from __future__ import annotations
 
-import tomllib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llamaship.errors import UnsupportedError
+from llamaship.safe_io import read_toml
 
 HERE = Path(__file__).parent
 BUILTIN = ("x86_emulator", "qualcomm", "apple")
@@ -36,6 +37,21 @@ class Profile:
     source: str = ""
     also_validates: tuple[str, ...] = ()  # opt-in formats (--format) gated by this profile when present
 
+    def check(self) -> None:
+        """Numbers a device can have: a negative RAM budget once made every model 'fit'."""
+        positive = {"ram_gb": self.ram_gb, "ram_budget_gb": self.ram_budget_gb, "bandwidth_gbs": self.bandwidth_gbs,
+                    "max_context": self.max_context, "group_size": self.group_size, "eval.tokens": self.eval_tokens,
+                    "eval.window": self.eval_window, "eval.npu_tokens": self.npu_eval_tokens}
+        for key, value in positive.items():
+            if not (math.isfinite(value) and value > 0):
+                raise UnsupportedError(f"{self.source}: {key} = {value} must be a positive number")
+        if self.ram_budget_gb > self.ram_gb:
+            raise UnsupportedError(
+                f"{self.source}: ram_budget_gb ({self.ram_budget_gb}) exceeds ram_gb ({self.ram_gb})")
+        for gate, limit in self.gates.items():
+            if not math.isfinite(limit):
+                raise UnsupportedError(f"{self.source}: gate {gate} = {limit} must be a finite number")
+
     def gates_format(self, fmt: str) -> bool:
         return fmt in self.formats or fmt in self.also_validates
 
@@ -48,14 +64,11 @@ def load_profile(name_or_path: str) -> Profile:
                 f"unknown profile {name_or_path!r}; built-in: {', '.join(BUILTIN)}, or pass a .toml file"
             )
         path = HERE / f"{name_or_path}.toml"
+    if not path.exists():
+        raise UnsupportedError(f"{path}: profile file not found")
+    data = read_toml(path, UnsupportedError, "profile")
     try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise UnsupportedError(f"{path}: profile file not found") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise UnsupportedError(f"{path}: not valid TOML ({exc})") from exc
-    try:
-        return Profile(
+        profile = Profile(
             name=str(data["name"]),
             device=str(data["device"]),
             formats=tuple(data.get("formats", ["executorch"])),
@@ -73,5 +86,7 @@ def load_profile(name_or_path: str) -> Profile:
             source=str(path),
             also_validates=tuple(data.get("also_validates", [])),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UnsupportedError(f"{path}: profile is missing or has a bad field ({exc})") from exc
+    profile.check()
+    return profile

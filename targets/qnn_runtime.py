@@ -21,7 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, TypeVar
 
-from llamaship.errors import LlamashipError, RuntimeFailure
+from llamaship.errors import RuntimeFailure, UnsupportedError
 from llamaship.targets.greedy import generate_ids  # noqa: F401  (this runtime's generation)
 
 T = TypeVar("T")
@@ -45,7 +45,7 @@ def _register() -> Any:
     try:
         import onnxruntime_qnn
     except ImportError as e:
-        raise LlamashipError("onnxruntime-qnn is not installed: `pip install onnxruntime-qnn==2.7.0`") from e
+        raise UnsupportedError("onnxruntime-qnn is not installed: `pip install onnxruntime-qnn==2.7.0`") from e
     if not _registered:
         ort.register_execution_provider_library(EP, onnxruntime_qnn.get_library_path())
         _registered = True
@@ -60,7 +60,7 @@ def session_options(soc_model: str, config: dict[str, str] | None = None) -> Any
     qnn = _register()
     devices = [d for d in ort.get_ep_devices() if d.ep_name == EP]
     if not devices:
-        raise LlamashipError("onnxruntime lists no QNN device after registering onnxruntime-qnn")
+        raise RuntimeFailure("onnxruntime lists no QNN device after registering onnxruntime-qnn")
     so = ort.SessionOptions()
     so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     for k, v in (config or {}).items():

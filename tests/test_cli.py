@@ -93,7 +93,7 @@ def test_generate_refuses_damaged_bundle(tiny_bundle, tmp_path, capsys):
     data[100] ^= 0x40
     (copy / "model.pte").write_bytes(bytes(data))
     assert main(["generate", str(copy), "--prompt", "x"]) == 4
-    assert "refusing to run a damaged bundle (model.pte: sha256 mismatch" in capsys.readouterr().err
+    assert "refusing to use a damaged or altered bundle (model.pte: sha256 mismatch" in capsys.readouterr().err
 
 
 def test_generate(tiny_bundle, capsys):

@@ -12,6 +12,7 @@ from llamaship.errors import DataError
 EVAL_FILE = "wikitext-2-test.txt"
 CALIB_FILE = "wikitext-2-valid.txt"
 HERE = Path(__file__).resolve().parent
+MAX_TEXT_BYTES = 256 << 20
 
 
 def data_file(name: str = EVAL_FILE) -> Path:
@@ -20,7 +21,10 @@ def data_file(name: str = EVAL_FILE) -> Path:
     env = os.environ.get("LLAMASHIP_DATA")
     folder = Path(env) if env else HERE
     path = folder / name
-    if path.is_file():
+    if path.is_file():  # a regular file (a FIFO would block the reader), of a text corpus' size
+        if path.stat().st_size > MAX_TEXT_BYTES:
+            raise DataError(f"{path} is {path.stat().st_size} bytes; WikiText-2 is about 1 MB: is LLAMASHIP_DATA "
+                            "pointing at the right folder?")
         return path
     if env:
         raise DataError(f"{path} not found: LLAMASHIP_DATA={env} must name a folder holding {name}; "

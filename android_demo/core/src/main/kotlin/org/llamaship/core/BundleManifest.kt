@@ -44,6 +44,7 @@ data class BundleManifest(
      */
     fun verify(bundleDir: File, checkSums: Boolean = true): List<String> {
         val problems = ArrayList<String>()
+        problems.addAll(verifyDigest(bundleDir))
         for ((name, entry) in files) {
             val f = File(bundleDir, name)
             when {
@@ -57,6 +58,29 @@ data class BundleManifest(
 
     companion object {
         const val SUPPORTED_SCHEMA = 1
+        const val DIGEST_FILE = "manifest.json.sha256"
+
+        /**
+         * manifest.json must still hash to the digest written beside it at export (the files'
+         * checksums live in the manifest, so this pins all of them). An app that received the
+         * bundle digest out of band passes it as [expected] to catch an edited-and-resealed manifest.
+         */
+        fun verifyDigest(bundleDir: File, expected: String? = null): List<String> {
+            val manifest = File(bundleDir, "manifest.json")
+            val digestFile = File(bundleDir, DIGEST_FILE)
+            if (!manifest.isFile) return listOf("manifest.json: missing")
+            val actual = sha256(manifest)
+            val problems = ArrayList<String>()
+            if (!digestFile.isFile) {
+                problems.add("$DIGEST_FILE: missing")
+            } else if (digestFile.readText().trim().split(Regex("\\s+")).firstOrNull() != actual) {
+                problems.add("manifest.json: changed after export (its sha256 is not the one in $DIGEST_FILE)")
+            }
+            if (expected != null && expected.lowercase().removePrefix("sha256:") != actual) {
+                problems.add("manifest.json: bundle digest $actual is not the expected $expected")
+            }
+            return problems
+        }
 
         fun load(bundleDir: File): BundleManifest {
             val file = File(bundleDir, "manifest.json")

@@ -59,6 +59,7 @@ class BundleManifestTest {
         File(dir, "a.bin").writeBytes(content)
         File(dir, "b.bin").writeBytes(content)
         File(dir, "c.bin").writeBytes(content)
+        seal(dir, goldenText)
         val sha = BundleManifest.sha256(File(dir, "a.bin"))
         assertEquals(64, sha.length)
         val m = golden.copy(files = mapOf(
@@ -74,5 +75,26 @@ class BundleManifestTest {
         assertEquals("d.bin: missing", problems[2])
         assertNotNull(m.verify(dir, checkSums = false).find { it.startsWith("b.bin") })
         assertTrue(m.verify(dir, checkSums = false).none { it.startsWith("c.bin") })
+    }
+
+    private fun seal(dir: File, manifest: String) {
+        File(dir, "manifest.json").writeText(manifest)
+        File(dir, BundleManifest.DIGEST_FILE).writeText("${BundleManifest.sha256(File(dir, "manifest.json"))}  manifest.json\n")
+    }
+
+    @Test fun digestCatchesAnEditedManifest() {
+        val dir = Files.createTempDirectory("bundle").toFile()
+        seal(dir, goldenText)
+        val digest = BundleManifest.sha256(File(dir, "manifest.json"))
+        assertEquals(emptyList<String>(), BundleManifest.verifyDigest(dir, "sha256:$digest"))
+        // edited alone: the digest file disagrees
+        File(dir, "manifest.json").writeText(goldenText.replace("<|im_end|>", "<|evil|>"))
+        assertTrue(BundleManifest.verifyDigest(dir).single().contains("changed after export"))
+        // edited and resealed: only the digest kept from export catches it
+        seal(dir, goldenText.replace("<|im_end|>", "<|evil|>"))
+        assertEquals(emptyList<String>(), BundleManifest.verifyDigest(dir))
+        assertTrue(BundleManifest.verifyDigest(dir, digest).single().contains("is not the expected"))
+        File(dir, BundleManifest.DIGEST_FILE).delete()
+        assertTrue(BundleManifest.verifyDigest(dir).single().contains("missing"))
     }
 }

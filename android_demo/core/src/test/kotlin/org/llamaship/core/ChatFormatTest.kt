@@ -44,4 +44,16 @@ class ChatFormatTest {
         assertEquals("<|im", e.flush())
         assertEquals("a<b<|im", e.reply)
     }
+
+    @Test fun aHostileTemplateIsNeverExecutedOnlyRecognised() {
+        // The app has no template engine: whatever a template holds, it only picks a family, and the
+        // prompt holds the messages and that family's fixed markup, nothing from the template.
+        val payload = "{{ cycler.__init__.__globals__.os.system('id') }}"
+        assertEquals(ChatFamily.PLAIN, ChatFamily.detect(payload))
+        val llama3ish = "<|start_header_id|>$payload"
+        assertEquals(ChatFamily.LLAMA3, ChatFamily.detect(llama3ish))
+        val prompt = ChatFormat.format(listOf(Message("user", "Hi")), ChatFamily.detect(llama3ish), "<s>", "</s>")
+        assertTrue(!prompt.contains("cycler") && !prompt.contains("os.system"))
+        assertEquals("Hi", ChatFormat.format(listOf(Message("user", "Hi")), ChatFamily.PLAIN, "<s>", "</s>").trim())
+    }
 }
