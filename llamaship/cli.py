@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from llamaship import __version__
+from llamaship import __version__, backends
 from llamaship.errors import LlamashipError
 from llamaship.progress import Reporter
 from llamaship.quiet import quiet_library_warnings
@@ -125,9 +125,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             validate=not args.no_validate,
             eval_tokens=args.eval_tokens,
             ignore_fit=args.ignore_fit,
-            onnx_accuracy_level=args.onnx_accuracy_level,
-            onnx_algorithm=args.onnx_algorithm,
             progress=progress,
+            **backend_options(args),
         )
     from llamaship.bundle import bundle_digest
 
@@ -243,16 +242,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from llamaship.bundle import artifact_path, bundle_path, read_manifest
-    from llamaship.errors import BundleError, UnsupportedError
-    from llamaship.targets.executorch_runtime import generate
+    from llamaship.bundle import read_manifest
+    from llamaship.errors import BundleError
+    from llamaship.generation import artifact_entry, generate
 
     bundle = Path(args.bundle)
     _verified(bundle, hashes=not args.no_verify)
     manifest = read_manifest(bundle)
-    formats = [a["format"] for a in manifest.get("artifacts", [])]
-    fmt = args.format or (formats[0] if formats else "executorch")
-    model_path = artifact_path(bundle, manifest, fmt)
+    art = artifact_entry(manifest, args.format)
     tok = manifest.get("tokenizer") or {}
     prompt = args.prompt
     if args.chat:
@@ -264,70 +261,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                  str(tok.get("bos_token") or ""), str(tok.get("eos_token") or ""))
         except ChatTemplateError as exc:
             raise BundleError(f"{bundle / 'manifest.json'}: {exc}; run without --chat") from exc
-    num_bos = 1 if tok.get("add_bos") and tok.get("bos_id") is not None else 0
-    if tok.get("bos_token") and prompt.startswith(tok["bos_token"]):
-        num_bos = 0  # the chat template already starts with BOS
     stop_texts = set(tok.get("stop_tokens") or [])
 
     def show(piece: str) -> None:  # the runner passes the stop token itself through: hide it
         if piece not in stop_texts:
             print(piece, end="", flush=True)
 
-    if fmt in ("coreml", "executorch_coreml", "qnn"):
-        from llamaship.export.tokenizer import load_tokenizer_json, load_tokenizer_model
-        from llamaship.targets.greedy import generate_ids
-
-        if args.temperature != 0.0:
-            raise UnsupportedError(f"--temperature is not supported for {fmt} yet (greedy only)")
-        tok_path = bundle_path(bundle, tok.get("path"))
-        tokenizer = (load_tokenizer_json(tok_path, {}) if tok_path.suffix == ".json"
-                     else load_tokenizer_model(tok_path))
-        ids = ([tok["bos_id"]] if num_bos else []) + tokenizer.encode(prompt, bos=False, special=True)
-        stop_ids = tuple(tok.get("stop_ids") or [])
-        if fmt == "qnn":
-            from llamaship.targets.qnn_runtime import QnnModule
-
-            print("(QNN HTP simulator on x86_64: each token is a full graph call and takes seconds to minutes)",
-                  file=sys.stderr)
-            module: Any = QnnModule(bundle, next(a for a in manifest["artifacts"] if a["format"] == "qnn"))
-            runtime = "QNN HTP simulator on this host (not phone speed)"
-        else:
-            from llamaship.targets.coreml_runtime import load_module, runtime_name
-
-            module, runtime = load_module(model_path, fmt), runtime_name()
-        try:
-            _, st = generate_ids(module, ids, args.max_new_tokens, stop_ids,
-                                 on_token=lambda t: None if t in stop_ids else show(tokenizer.decode([t])))
-        finally:
-            if hasattr(module, "close"):
-                module.close()
-    elif fmt == "onnx":
-        from llamaship.targets.onnx_runtime import generate_text
-
-        if args.temperature != 0.0:
-            raise UnsupportedError("--temperature is not supported for onnx yet (greedy only)")
-        _, st = generate_text(model_path.parent, prompt, args.max_new_tokens, on_text=show,
-                              bos_id=tok.get("bos_id") if num_bos else None)
-        runtime = "onnxruntime-genai on this host"
-    else:
-        gen = generate(model_path, bundle_path(bundle, tok.get("path")), prompt, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, num_bos=num_bos, on_text=show)
-        st = gen.stats | {"ttft_ms": gen.ttft_ms, "prefill_token_per_sec": gen.prefill_tok_s,
-                          "decode_token_per_sec": gen.decode_tok_s}
-        runtime = "ExecuTorch runner on this host"
+    gen = generate(bundle, manifest, art["format"], prompt, args.max_new_tokens, args.temperature, on_text=show)
     print()
-    summary = {
-        "format": fmt, "prompt_tokens": st.get("prompt_tokens"), "generated_tokens": st.get("generated_tokens"),
-        "ttft_ms": st["ttft_ms"], "prefill_tok_s": st["prefill_token_per_sec"],
-        "decode_tok_s": st["decode_token_per_sec"],
-    }
+    summary = {"format": art["format"], **gen.summary()}
     if args.json:
         print(json.dumps(summary))
     else:
         print(
             f"[{summary['prompt_tokens']} prompt tokens, {summary['generated_tokens']} generated; "
             f"TTFT {summary['ttft_ms']:.0f} ms, prefill {summary['prefill_tok_s']:.1f} tok/s, "
-            f"decode {summary['decode_tok_s']:.1f} tok/s; {runtime}]",
+            f"decode {summary['decode_tok_s']:.1f} tok/s; {gen.runtime}]",
             file=sys.stderr,
         )
     return 0
@@ -374,7 +323,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile_formats() -> str:
+    from llamaship.targets.profile import BUILTIN, load_profile
+
+    return "; ".join(f"{name}: {' + '.join(load_profile(name).formats)}" for name in BUILTIN)
+
+
+def backend_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The values of the flags backends added (their dests), for ExportJob.options."""
+    probe = _Parser(add_help=False)
+    for backend in backends.REGISTRY.values():
+        backend.add_options(probe)
+    return {a.dest: getattr(args, a.dest) for a in probe._actions if hasattr(args, a.dest)}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from llamaship.pipeline import SMOKE_PROMPT
+    from llamaship.quantize.scheme import GROUP_SIZES, QuantScheme
+
     parser = _Parser(
         prog="llamaship",
         description="Export Llama checkpoints to validated on-device bundles.",
@@ -401,48 +367,33 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True,
                     help="bundle folder to create (must not exist; with --force, an existing bundle or empty "
                     "folder is replaced, never the working folder, home, / or a folder holding the checkpoint)")
-    ex.add_argument("--format", action="append",
-                    choices=["executorch", "onnx", "coreml", "executorch_coreml", "qnn"],
-                    help="artifact format(s), repeatable: executorch (.pte, XNNPACK), onnx "
-                    "(onnxruntime-genai folder: model.onnx + external data + genai_config.json), coreml "
-                    "(stateful .mlpackage, iOS 18 / macOS 15, int4 per-block weights with a zero point, fp16 compute; "
-                    "validated on Linux by the MIL reference evaluator), executorch_coreml (model_coreml.pte: "
-                    "the ExecuTorch Core ML delegate, one Core ML program with the KV cache as state, driven "
-                    "like the XNNPACK .pte; int4 weight-only groups, fp16; needs an ExecuTorch build with "
-                    "Core ML state support; validated through its extracted program), qnn (Snapdragon NPU: "
-                    "qnn/model_ctx.onnx + its QNN context binary for the profile's soc_model, w4a16: 4-bit LPBQ "
-                    "weights, 16-bit activations calibrated on WikiText-2 validation text; validated on the QNN "
-                    "HTP simulator of onnxruntime-qnn, Linux x86_64 only); default: every format the --target "
-                    "profiles list (x86_emulator: executorch + onnx; apple: coreml + executorch; qualcomm: "
-                    "executorch + qnn)")
+    ex.add_argument("--format", action="append", choices=backends.names(),
+                    help="artifact format(s), repeatable: " + "; ".join(f"{b.name}: {b.help}" for b in
+                                                                         backends.REGISTRY.values())
+                    + "; default: every format the --target profiles list (" + _profile_formats() + ")")
     ex.add_argument("--quant", choices=["8da4w", "8da8w", "fp32"], default="8da4w",
                     help="linear layers: int8 dynamic activations x int4 (default) or int8 "
                     "weights per group, or fp32")
-    ex.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128, 256],
+    ex.add_argument("--group-size", type=int, default=QuantScheme.group_size, choices=GROUP_SIZES,
                     help="weights per quantization group (default 32); must divide the model's "
                     "hidden and FFN sizes")
     ex.add_argument("--asymmetric", action="store_true",
-                    help="asymmetric weight groups (scale + zero point); refused for executorch, whose "
-                    "XNNPACK kernels gave wrong results with them")
+                    help="asymmetric weight groups (scale + zero point); formats whose kernels cannot hold "
+                    "them refuse it before any work, and say so")
     ex.add_argument("--embedding-bits", type=int, default=4, choices=[0, 4, 8],
                     help="quantize the token embedding per group to 4 or 8 bits (0 keeps fp32)")
     ex.add_argument("--lm-head-bits", type=int, default=8, choices=[0, 4, 8],
                     help="output projection weights: 8 (default: it is the most error-sensitive "
                     "matrix), 4 (smaller, faster, less accurate) or 0 (fp32)")
-    ex.add_argument("--onnx-accuracy-level", type=int, default=4, choices=[1, 2, 3, 4],
-                    help="onnx: compute type of MatMulNBits activations: 4 = int8 (default, fastest on "
-                    "CPU), 3 = bf16, 2 = fp16, 1 = fp32 (measured 12x slower on x86 for no accuracy gain)")
-    ex.add_argument("--onnx-algorithm", choices=["k_quant", "rtn"], default="k_quant",
-                    help="onnx: how int4 weights are rounded: k_quant (default; llama.cpp-style search "
-                    "for each block's scale and zero point, always asymmetric) or rtn (onnxruntime's "
-                    "round-to-nearest, symmetric unless --asymmetric)")
+    for backend in backends.REGISTRY.values():
+        backend.add_options(ex)
     ex.add_argument("--max-context", type=_int_in(16, 1 << 20), default=2048,
                     help="KV cache length = longest prompt + generation (default 2048, capped at "
                     "the model's own)")
     ex.add_argument("--max-seq-len", type=_int_in(1, 8192), default=128,
                     help="most tokens per forward call (the runner prefills longer prompts in chunks "
                     "of this size); activation memory scales with it (default 128)")
-    ex.add_argument("--prompt", type=_text, default="The capital of France is", help="smoke-test prompt")
+    ex.add_argument("--prompt", type=_text, default=SMOKE_PROMPT, help=f"smoke-test prompt (default {SMOKE_PROMPT!r})")
     ex.add_argument("--no-smoke", action="store_true", help="skip the smoke generation")
     ex.add_argument("--smoke-tokens", type=_int_in(1, 4096), default=32, metavar="N",
                     help="tokens the smoke generation makes (default 32)")
@@ -472,12 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=_int_in(1, 1 << 16), default=64,
                      help="tokens to generate, 1..65536 (default 64; the artifact's context length caps it)")
     gen.add_argument("--temperature", type=_float_in(0.0, 10.0), default=0.0, help="0 = greedy (default), up to 10")
-    gen.add_argument("--format", choices=["executorch", "onnx", "coreml", "executorch_coreml", "qnn"], default=None,
-                     help="which artifact to run (default: the bundle's first): executorch runs the .pte "
-                     "on ExecuTorch's C++ runner, onnx the ONNX folder on onnxruntime-genai, coreml the "
-                     ".mlpackage on Core ML (macOS) or the NumPy MIL reference evaluator (slow; elsewhere), "
-                     "executorch_coreml the Core ML program inside model_coreml.pte the same way, qnn the NPU "
-                     "context binary on the QNN HTP simulator (slow: ~35 s per call for SmolLM2)")
+    gen.add_argument("--format", choices=backends.names(), default=None,
+                     help="which artifact to run (default: the bundle's first), each on the runtime an app "
+                     "would use, on this host: " + "; ".join(f"{b.name}: {b.runtime}" for b in
+                                                              backends.REGISTRY.values()))
     gen.add_argument("--json", action="store_true", help="print stats as one JSON line")
     gen.add_argument("--no-verify", action="store_true",
                      help="skip re-checking every file's sha256 before loading (faster on multi-GB bundles); "
@@ -537,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--context", type=_int_in(1, 1 << 22), default=None,
                      help="KV cache length (default: the profile's)")
     fit.add_argument("--quant", choices=["8da4w", "8da8w", "fp32"], default="8da4w", help="weight scheme")
-    fit.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128, 256], help="group size")
+    fit.add_argument("--group-size", type=int, default=QuantScheme.group_size, choices=GROUP_SIZES, help="group size")
     fit.add_argument("--json", action="store_true", help="one JSON object per profile")
     fit.set_defaults(func=cmd_fit)
     return parser

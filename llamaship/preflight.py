@@ -8,16 +8,12 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from llamaship import backends
 from llamaship.data import CALIB_FILE, EVAL_FILE, data_file
 from llamaship.errors import BundleError
 from llamaship.export.spec import ModelSpec
 from llamaship.quantize.scheme import QuantScheme
 
-# Bytes on disk per byte of the fit model's weights, by format, with what else the export writes
-# beside the bundle while it runs. ONNX stores fp32 scales and zero points; the NPU route writes
-# the fp32 graph (4 bytes per parameter) before quantizing it.
-FORMAT_SIZE = {"executorch": 1.1, "onnx": 1.4, "coreml": 1.1, "executorch_coreml": 1.1, "qnn": 1.2}
-FP32_GRAPH_FORMATS = {"qnn"}
 MARGIN = 1.25
 SLACK_BYTES = 64 << 20
 
@@ -41,11 +37,13 @@ def check_output_folder(out: Path) -> Path:
 
 
 def expected_bytes(spec: ModelSpec, scheme: QuantScheme | None, formats: Iterable[str], weight_bytes: float) -> int:
-    """What the export writes, at most, for these formats (an estimate with a margin)."""
+    """What the export writes, at most, for these formats (an estimate with a margin): each
+    backend's bytes per byte of weights, plus an fp32 graph where the export writes one first."""
     total = 0.0
     for fmt in formats:
-        total += FORMAT_SIZE.get(fmt, 1.5) * weight_bytes
-        if fmt in FP32_GRAPH_FORMATS:
+        backend = backends.get(fmt)
+        total += backend.disk_factor * weight_bytes
+        if backend.fp32_graph_on_disk:
             total += 4.0 * spec.param_count()
     return int(MARGIN * total) + SLACK_BYTES
 
@@ -62,5 +60,5 @@ def check_data(validate: bool, formats: Iterable[str]) -> None:
     """The evaluation text (for validation) and the calibration text (for the NPU route) exist."""
     if validate:
         data_file(EVAL_FILE)
-    if "qnn" in formats:
+    if any(backends.get(f).needs_calibration_text for f in formats):
         data_file(CALIB_FILE)

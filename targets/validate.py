@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llamaship import backends
 from llamaship.export.checkpoint import Checkpoint
 from llamaship.export.model import build_model
 from llamaship.quantize.scheme import QuantScheme
@@ -19,14 +21,6 @@ from llamaship.targets.profile import Profile
 REPORT_SCHEMA = 1
 SPEED_PROMPT_TOKENS = 128
 SPEED_GEN_TOKENS = 128
-
-
-RUNTIMES = {"executorch": "ExecuTorch's runtime", "onnx": "onnxruntime (CPU EP)",
-            "coreml": "Core ML on macOS, else the MIL reference evaluator (NumPy)",
-            "executorch_coreml": "its Core ML program (extracted from the .pte) on Core ML on macOS, else "
-                                 "the MIL reference evaluator (NumPy)",
-            "qnn": "onnxruntime-qnn on the QNN HTP backend (its x86_64 simulator here)"}
-APPLE_ONLY = ("coreml", "executorch_coreml")
 
 
 def artifact_bytes(folder: Path, art: dict[str, Any]) -> int:
@@ -41,57 +35,21 @@ def artifact_bytes(folder: Path, art: dict[str, Any]) -> int:
     return total
 
 
-def _load_module(folder: Path, art: dict[str, Any]) -> Any:
-    if art["format"] in APPLE_ONLY:
-        from llamaship.targets.coreml_runtime import load_module
+@dataclass
+class Scoring:
+    """What a backend's accuracy() may use: the bundle, the shared slice and its fp32 reference."""
 
-        return load_module(folder / art["path"], art["format"])
-    if art["format"] == "qnn":
-        from llamaship.targets.qnn_runtime import QnnModule
+    ckpt: Checkpoint
+    folder: Path
+    manifest: dict[str, Any]
+    profiles: list[Profile]
+    eval_slice: accuracy.EvalSlice
+    reference: Any
+    progress: Callable[[str], None]
 
-        return QnnModule(folder, art)
-    if art["format"] == "onnx":
-        from llamaship.targets.onnx_runtime import OnnxModule
-
-        return OnnxModule(folder / art["folder"])
-    from llamaship.targets.executorch_runtime import PteModule
-
-    return PteModule(folder / art["path"])
-
-
-def _speed(folder: Path, art: dict[str, Any], manifest: dict[str, Any], ckpt: Checkpoint,
-           prompt_ids: list[int], n_gen: int) -> dict[str, Any]:
-    from llamaship.targets.speed import benchmark, benchmark_onnx
-
-    spec = ckpt.spec
-    if art["format"] == "onnx":
-        bos = [spec.bos_id] if spec.add_bos and spec.bos_id is not None else []
-        return benchmark_onnx(folder / art["folder"], bos + prompt_ids, gen_tokens=n_gen)
-    return benchmark(folder / art["path"], folder / manifest["tokenizer"]["path"],
-                     ckpt.tokenizer.decode(prompt_ids), gen_tokens=n_gen,
-                     num_bos=1 if spec.add_bos and spec.bos_id is not None else 0)
-
-
-def _npu_accuracy(ckpt: Checkpoint, folder: Path, manifest: dict[str, Any], art: dict[str, Any], module: Any,
-                  profiles: list[Profile], progress: Callable[[str], None]) -> dict[str, Any]:
-    """The NPU graph on the HTP simulator, scored on a short slice (one prompt chunk takes ~35 s for
-    SmolLM2 there): windows of two chunks, the second chunk scored with the first in the cache. The
-    bundle's XNNPACK .pte is scored on the same slice, so the gate can compare the two."""
-    chunk = art["max_seq_len"]
-    n_tokens = min(p.npu_eval_tokens for p in profiles)
-    npu_slice = accuracy.make_slice(ckpt.tokenizer, n_tokens, 2 * chunk)
-    progress(f"NPU accuracy slice: {npu_slice.describe()} (HTP simulator: ~{npu_slice.n_windows * 2} chunk calls)")
-    ref_model = build_model(ckpt.spec, ckpt.state, max_context=npu_slice.window, impl="torch", full_logits=True)
-    reference = accuracy.reference_logprobs(ref_model, npu_slice, ckpt.sha256(), progress)
-    del ref_model
-    acc = accuracy.evaluate_chunked(module.forward, npu_slice, reference, progress).to_json()
-    cpu = next((a for a in manifest.get("artifacts", []) if a["format"] == "executorch"), None)
-    if cpu is not None and cpu["max_context"] >= npu_slice.window:
-        progress(f"accuracy of {cpu['path']} on the NPU slice, for the NPU/CPU comparison")
-        cpu_acc = accuracy.evaluate_stepwise(_load_module(folder, cpu).forward, npu_slice, reference, progress)
-        acc["cpu_artifact"] = {"path": cpu["path"], **cpu_acc.to_json()}
-        acc["kld_ratio_vs_cpu"] = acc["mean_kld"] / max(cpu_acc.mean_kld, 1e-9)
-    return acc
+    @staticmethod
+    def backend_of(art: dict[str, Any]) -> backends.Backend:
+        return backends.get(art["format"])
 
 
 def scheme_from_manifest(quant: dict[str, Any]) -> QuantScheme | None:
@@ -129,8 +87,9 @@ def check_gates(profile: Profile, acc: dict[str, Any] | None, speed_tok_s: float
 def eval_slice_for(ckpt: Checkpoint, artifacts: list[dict[str, Any]], profiles: list[Profile],
                    eval_tokens: int | None) -> accuracy.EvalSlice:
     """The slice every artifact of the bundle is scored on: windows fit every artifact's KV cache
-    (the NPU graph is scored on a slice of its own)."""
-    window = min([p.eval_window for p in profiles] + [a["max_context"] for a in artifacts if a["format"] != "qnn"])
+    (an artifact scored on a slice of its own, like the NPU graph, does not count)."""
+    window = min([p.eval_window for p in profiles] + [a["max_context"] for a in artifacts
+                                                      if backends.get(a["format"]).shares_eval_slice])
     n_tokens = eval_tokens or max(p.eval_tokens for p in profiles)
     return accuracy.make_slice(ckpt.tokenizer, n_tokens, window)
 
@@ -145,17 +104,10 @@ def reference_for(ckpt: Checkpoint, eval_slice: accuracy.EvalSlice, progress: Ca
 def artifact_accuracy(ckpt: Checkpoint, folder: Path, manifest: dict[str, Any], art: dict[str, Any],
                       profiles: list[Profile], eval_slice: accuracy.EvalSlice, reference: Any,
                       progress: Callable[[str], None]) -> dict[str, Any]:
-    how = "prompt chunks, app-side cache" if art["format"] == "qnn" else "token by token, KV cache"
-    progress(f"accuracy of {art['path']} on {RUNTIMES[art['format']]} ({how})")
-    module = _load_module(folder, art)
-    if art["format"] == "qnn":
-        acc = _npu_accuracy(ckpt, folder, manifest, art, module, profiles, progress)
-    else:
-        acc = accuracy.evaluate_stepwise(module.forward, eval_slice, reference, progress).to_json()
-    if hasattr(module, "close"):
-        module.close()  # the QNN module's child process
-    del module
-    return acc
+    backend = backends.get(art["format"])
+    how = "token by token, KV cache" if backend.shares_eval_slice else "prompt chunks, app-side cache"
+    progress(f"accuracy of {art['path']} on {backend.runtime} ({how})")
+    return backend.accuracy(Scoring(ckpt, folder, manifest, profiles, eval_slice, reference, progress), art)
 
 
 def validate(
@@ -173,7 +125,7 @@ def validate(
     this computes (the pipeline scores some artifacts while the .pte is still lowering)."""
     spec = ckpt.spec
     scheme = scheme_from_manifest(manifest.get("quant", {}))
-    artifacts = [a for a in manifest.get("artifacts", []) if a["format"] in RUNTIMES]
+    artifacts = [a for a in manifest.get("artifacts", []) if a["format"] in backends.names()]
     eval_slice = eval_slice_for(ckpt, artifacts, profiles, eval_tokens)
     progress(f"accuracy slice: {eval_slice.describe()}")
     reference = reference_for(ckpt, eval_slice, progress)
@@ -184,19 +136,16 @@ def validate(
         acc = (accuracies or {}).get(art["path"]) or artifact_accuracy(
             ckpt, folder, manifest, art, profiles, eval_slice, reference, progress)
         speed = None
-        if art["format"] in APPLE_ONLY:
-            progress(f"speed of {art['path']}: not measured (no Apple hardware here); the Apple "
-                     "profile reports the bandwidth roofline")
-        elif art["format"] == "qnn":
-            progress(f"speed of {art['path']}: not measured (the HTP here is a simulator); the Qualcomm "
-                     "profile reports the bandwidth roofline, and profiling/ measures it on a phone")
+        backend = backends.get(art["format"])
+        if backend.speed_elsewhere:
+            progress(f"speed of {art['path']}: {backend.speed_elsewhere}")
         elif measure_speed and any(p.measured_here for p in profiles):
             # 128 + 128 tokens, or what the artifact's context allows
             n_prompt = min(SPEED_PROMPT_TOKENS, art["max_context"] // 2)
             n_gen = min(SPEED_GEN_TOKENS, art["max_context"] - n_prompt - 8)
             progress(f"speed of {art['path']}: {n_prompt}-token prompt, {n_gen} new tokens, "
                      "1 warm-up + 3 runs")
-            speed = _speed(folder, art, manifest, ckpt, list(eval_slice.tokens[:n_prompt]), n_gen)
+            speed = backend.speed(folder, art, manifest, ckpt, list(eval_slice.tokens[:n_prompt]), n_gen)
         results.append({"format": art["format"], "path": art["path"],
                         "scheme": art.get("scheme", scheme.name if scheme else "fp32"),
                         "size_bytes": artifact_bytes(folder, art), "accuracy": acc, "speed": speed})

@@ -225,7 +225,8 @@ def test_program_too_large_for_the_evaluator_is_refused_with_the_reason(fp16_pac
     from llamaship.pipeline import smoke_test
 
     art = {"format": "coreml", "path": fp16_package.name}
-    smoke = smoke_test(art, fp16_package.parent, None, tiny_ckpt, "Hi", 2, lambda s: None)  # type: ignore[arg-type]
+    meta = {"artifacts": [art], "tokenizer": {}}
+    smoke = smoke_test(art, fp16_package.parent, meta, "Hi", 2, tiny_ckpt.source, lambda s: None)
     assert "Mac" in smoke["skipped"] and "text" not in smoke
 
 

@@ -1,0 +1,99 @@
+"""An onnxruntime-genai model folder: model.onnx (MatMulNBits int4 + GroupQueryAttention) with its
+weights as external data, genai_config.json and the tokenizer files."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from llamaship.backends.base import Backend, Exported, ExportJob, Generated, Module, Request
+from llamaship.quantize.scheme import QuantScheme
+
+FOLDER = "onnx"
+ACCURACY_LEVEL_HELP = {4: "int8 (default, fastest on CPU)", 3: "bf16", 2: "fp16",
+                       1: "fp32 (measured 12x slower on x86 for no accuracy gain)"}
+
+
+class Onnx(Backend):
+    name = "onnx"
+    help = ("onnxruntime-genai folder: model.onnx + external data + genai_config.json, run here by "
+            "onnxruntime and onnxruntime-genai")
+    packages = ("onnx", "onnxruntime", "onnxruntime-genai")
+    runtime = "onnxruntime (CPU EP)"
+    disk_factor = 1.4  # fp32 scales and zero points
+
+    @classmethod
+    def add_options(cls, parser: argparse.ArgumentParser) -> None:
+        from llamaship.export.onnx import ACCURACY_LEVELS, ALGORITHMS, DEFAULT_ACCURACY_LEVEL, DEFAULT_ALGORITHM
+
+        levels = ", ".join(f"{k} = {ACCURACY_LEVEL_HELP.get(k, v)}" for k, v in sorted(ACCURACY_LEVELS.items(),
+                                                                                        reverse=True))
+        parser.add_argument("--onnx-accuracy-level", type=int, default=DEFAULT_ACCURACY_LEVEL,
+                            choices=sorted(ACCURACY_LEVELS),
+                            help=f"onnx: compute type of MatMulNBits activations: {levels}")
+        parser.add_argument("--onnx-algorithm", choices=list(ALGORITHMS), default=DEFAULT_ALGORITHM,
+                            help="onnx: how int4 weights are rounded: k_quant (default; llama.cpp-style search "
+                            "for each block's scale and zero point, always asymmetric) or rtn (onnxruntime's "
+                            "round-to-nearest, symmetric unless --asymmetric)")
+
+    @staticmethod
+    def _options(options: Mapping[str, Any]) -> tuple[int, str]:
+        from llamaship.export.onnx import DEFAULT_ACCURACY_LEVEL, DEFAULT_ALGORITHM
+
+        return (int(options.get("onnx_accuracy_level", DEFAULT_ACCURACY_LEVEL)),
+                str(options.get("onnx_algorithm", DEFAULT_ALGORITHM)))
+
+    def check(self, scheme: QuantScheme | None, options: Mapping[str, Any]) -> None:
+        from llamaship.export.onnx import builder_options
+
+        builder_options(scheme, *self._options(options))
+
+    def export(self, job: ExportJob) -> Exported:
+        from llamaship.export.onnx import export_onnx, scheme_name
+
+        level, algorithm = self._options(job.options)
+        spec = job.ckpt.spec
+        res = export_onnx(spec, job.ckpt.state, job.ckpt.tokenizer, job.scheme, job.folder / FOLDER,
+                          max_context=job.max_context, accuracy_level=level, algorithm=algorithm,
+                          progress=job.progress)
+        entry = {
+            "format": self.name, "path": f"{FOLDER}/model.onnx", "folder": FOLDER,
+            "scheme": scheme_name(job.scheme, level, algorithm),
+            "backend": "onnxruntime CPU (onnxruntime-genai config)", "max_context": job.max_context,
+            "max_seq_len": job.max_context,  # prefill takes the whole prompt in one call
+            "external_data": f"{FOLDER}/model.onnx.data", "genai_config": f"{FOLDER}/genai_config.json",
+            "accuracy_level": level if job.scheme else None,
+            "inputs": {"input_ids": "int64 [1, T]", "attention_mask": "int64 [1, past + T] (all ones)",
+                       "past_key_values.{i}.key/value": f"float32 [1, {spec.n_kv_heads}, past, {spec.head_dim}]"},
+            "outputs": {"logits": "float32 [1, 1, vocab] (last position)",
+                        "present.{i}.key/value": f"float32 [1, {spec.n_kv_heads}, past + T, {spec.head_dim}]"},
+            "quantization": res["quantization"],
+        }
+        return Exported(entry, res["timings"])
+
+    def load_module(self, folder: Path, art: Mapping[str, Any]) -> Module:
+        from llamaship.targets.onnx_runtime import OnnxModule
+
+        return OnnxModule(folder / art["folder"])
+
+    def generate(self, req: Request) -> Generated:
+        from llamaship.errors import UnsupportedError
+        from llamaship.targets.onnx_runtime import generate_text
+
+        if req.temperature != 0.0:
+            raise UnsupportedError(f"--temperature is not supported for {self.name} yet (greedy only)")
+        bos = req.tokenizer.get("bos_id") if req.num_bos else None
+        text, stats = generate_text(req.folder / req.art["folder"], req.prompt, req.max_new_tokens,
+                                    on_text=req.on_text, bos_id=bos)
+        where = "onnxruntime-genai Generator (x86_64 host)" if req.smoke else "onnxruntime-genai on this host"
+        return Generated(text, stats, where)
+
+    def speed(self, folder: Path, art: Mapping[str, Any], manifest: Mapping[str, Any], ckpt: Any,
+              prompt_ids: list[int], n_gen: int) -> dict[str, Any]:
+        from llamaship.targets.speed import benchmark_onnx
+
+        spec = ckpt.spec
+        bos = [spec.bos_id] if spec.add_bos and spec.bos_id is not None else []
+        return benchmark_onnx(folder / art["folder"], bos + prompt_ids, gen_tokens=n_gen)

@@ -1,0 +1,123 @@
+"""The Snapdragon NPU artifact: a w4a16 QNN context binary (4-bit LPBQ weights, 16-bit activations
+calibrated on WikiText-2 validation) wrapped in an onnxruntime-qnn EP-context model, run here on
+the QNN HTP simulator that onnxruntime-qnn ships for x86_64."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from llamaship.backends.base import Backend, Exported, ExportJob, Generated, Module, Request, greedy
+from llamaship.errors import UnsupportedError
+from llamaship.quantize.scheme import QuantScheme
+
+FOLDER = "qnn"
+SMOKE_TOKENS = 4  # each token is one full prompt-chunk call on the HTP simulator (~35 s for SmolLM2)
+SIMULATOR_NOTE = "HTP simulator on x86: its speed says nothing about a phone's"
+
+
+def qnn_target(profiles: list[Any]) -> tuple[str, str]:
+    """The SoC the NPU graph is compiled for: the first profile that names one (8 Gen 3 otherwise)."""
+    from llamaship.export.qnn import SOC_MODELS
+
+    for p in profiles:
+        if "soc_model" in p.extra:
+            soc = str(p.extra["soc_model"])
+            arch = str(p.extra.get("htp_arch") or next((a for a, s in SOC_MODELS.items() if s == soc), "?"))
+            return soc, arch
+    return SOC_MODELS["v75"], "v75"
+
+
+class Qnn(Backend):
+    name = "qnn"
+    help = ("Snapdragon NPU: qnn/model_ctx.onnx + its QNN context binary for the profile's soc_model, w4a16: "
+            "4-bit LPBQ weights, 16-bit activations calibrated on WikiText-2 validation text; validated on the "
+            "QNN HTP simulator of onnxruntime-qnn, Linux x86_64 only")
+    runtime = "onnxruntime-qnn on the QNN HTP backend (its x86_64 simulator here)"
+    disk_factor = 1.2
+    fp32_graph_on_disk = True
+    needs_calibration_text = True
+    speed_elsewhere = ("not measured (the HTP here is a simulator); the Qualcomm profile reports the bandwidth "
+                       "roofline, and profiling/ measures it on a phone")
+    shares_eval_slice = False
+    scored_while_lowering = False  # its report compares it with the CPU artifact, which may still lower
+
+    def check(self, scheme: QuantScheme | None, options: Mapping[str, Any]) -> None:
+        from llamaship.targets.qnn_runtime import available
+
+        if scheme is None or scheme.bits != 4:
+            raise UnsupportedError("--format qnn is w4a16 (4-bit LPBQ weights, 16-bit activations): "
+                                   "not available with fp32 or 8-bit weights")
+        if not available():
+            raise UnsupportedError("--format qnn needs onnxruntime-qnn (Linux x86_64 or Windows): "
+                                   "`pip install onnxruntime-qnn==2.7.0`")
+
+    def export(self, job: ExportJob) -> Exported:
+        from llamaship.export.qnn import AR, export_qnn, scheme_name
+
+        assert job.scheme is not None  # check() refused fp32
+        soc_model, htp_arch = qnn_target(job.profiles)
+        res = export_qnn(job.ckpt.spec, job.ckpt.state, job.ckpt.tokenizer, job.scheme, job.folder / FOLDER,
+                         max_context=job.max_context, soc_model=soc_model, progress=job.progress)
+        cfg = res["config"]
+        entry = {
+            "format": self.name, "path": f"{FOLDER}/{cfg['model']}", "folder": FOLDER,
+            "external_data": f"{FOLDER}/{cfg['context_binaries'][0]}",
+            "config": f"{FOLDER}/qnn_config.json", "scheme": scheme_name(job.scheme),
+            "backend": f"QNN HTP (Hexagon {htp_arch}, {soc_model}) through onnxruntime-qnn's EP context",
+            "soc_model": soc_model, "htp_arch": htp_arch, "max_context": job.max_context, "max_seq_len": AR,
+            "inputs": cfg["inputs"], "outputs": cfg["outputs"], "usage": cfg["usage"],
+            "quantization": res["quantization"],
+            "reload_check": "the context binary reloaded in a fresh onnxruntime-qnn session gave the "
+                            "compile session's outputs bit for bit (one prompt chunk)",
+        }
+        return Exported(entry, res["timings"])
+
+    def load_module(self, folder: Path, art: Mapping[str, Any]) -> Module:
+        from llamaship.targets.qnn_runtime import QnnModule
+
+        return QnnModule(folder, dict(art))
+
+    def generate(self, req: Request) -> Generated:
+        import sys
+
+        if req.smoke:
+            req.max_new_tokens = min(req.max_new_tokens, SMOKE_TOKENS)
+        else:
+            print("(QNN HTP simulator on x86_64: each token is a full graph call and takes seconds to minutes)",
+                  file=sys.stderr)
+        from llamaship.targets.qnn_runtime import QnnModule
+
+        with QnnModule(req.folder, dict(req.art)) as module:
+            gen = greedy(module, req, "onnxruntime-qnn, QNN HTP backend (x86_64 simulator)" if req.smoke
+                         else "QNN HTP simulator on this host (not phone speed)")
+        if req.smoke:
+            gen.stats = gen.stats | {"note": SIMULATOR_NOTE}
+        return gen
+
+    def accuracy(self, ctx: Any, art: Mapping[str, Any]) -> dict[str, Any]:
+        """On a short slice of its own (one prompt chunk takes ~35 s for SmolLM2 on the simulator):
+        windows of two chunks, the second scored with the first in the cache. The bundle's CPU
+        artifact is scored on the same slice, so the gate can compare the two."""
+        from llamaship.export.model import build_model
+        from llamaship.targets import accuracy
+
+        ckpt, progress = ctx.ckpt, ctx.progress
+        chunk = art["max_seq_len"]
+        n_tokens = min(p.npu_eval_tokens for p in ctx.profiles)
+        npu_slice = accuracy.make_slice(ckpt.tokenizer, n_tokens, 2 * chunk)
+        progress(f"NPU accuracy slice: {npu_slice.describe()} (HTP simulator: ~{npu_slice.n_windows * 2} chunk calls)")
+        ref_model = build_model(ckpt.spec, ckpt.state, max_context=npu_slice.window, impl="torch", full_logits=True)
+        reference = accuracy.reference_logprobs(ref_model, npu_slice, ckpt.sha256(), progress)
+        del ref_model
+        with self.load_module(ctx.folder, art) as module:  # type: ignore[attr-defined]
+            acc = accuracy.evaluate_chunked(module.forward, npu_slice, reference, progress).to_json()
+        cpu = next((a for a in ctx.manifest.get("artifacts", []) if ctx.backend_of(a).cpu_reference), None)
+        if cpu is not None and cpu["max_context"] >= npu_slice.window:
+            progress(f"accuracy of {cpu['path']} on the NPU slice, for the NPU/CPU comparison")
+            cpu_module = ctx.backend_of(cpu).load_module(ctx.folder, cpu)
+            cpu_acc = accuracy.evaluate_stepwise(cpu_module.forward, npu_slice, reference, progress)
+            acc["cpu_artifact"] = {"path": cpu["path"], **cpu_acc.to_json()}
+            acc["kld_ratio_vs_cpu"] = acc["mean_kld"] / max(cpu_acc.mean_kld, 1e-9)
+        return acc
