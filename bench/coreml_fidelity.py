@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from llamaship.export.checkpoint import load_checkpoint
 from llamaship.export.coreml import export_coreml
 from llamaship.export.executorch_coreml import export_pte_coreml
-from llamaship.export.model import build_model
+from llamaship.export.llama.load import load_checkpoint
+from llamaship.export.llama.model import build_model
 from llamaship.pipeline import default_model
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.targets import accuracy

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import llamaship.export.executorch as executorch_export
-from llamaship.export.checkpoint import load_checkpoint
+from llamaship.export.llama.load import load_checkpoint
 from llamaship.pipeline import default_model
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.quiet import quiet_library_warnings

@@ -54,7 +54,7 @@ def random_state(spec, seed: int = 0):  # type: ignore[no-untyped-def]
 
 
 def write_meta(model: str, dest: Path, layers: int | None) -> Path:
-    from llamaship.export.checkpoint import load_spec
+    from llamaship.export.llama.load import load_spec
 
     meta_dir, _, tok = MODELS[model]
     dest.mkdir(parents=True)
@@ -73,8 +73,8 @@ def write_meta(model: str, dest: Path, layers: int | None) -> Path:
 def write_hf(model: str, dest: Path, layers: int | None) -> Path:
     from safetensors.torch import save_file
 
-    from llamaship.export.checkpoint import load_spec
-    from llamaship.export.load_hf import hf_name
+    from llamaship.export.llama.load import load_spec
+    from llamaship.export.llama.load_hf import hf_name
 
     _, hf_dir, tok = MODELS[model]
     dest.mkdir(parents=True)

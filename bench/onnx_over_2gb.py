@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from llamaship.export.model import build_model
+from llamaship.export.llama.model import build_model
+from llamaship.export.llama.spec import ModelSpec
+from llamaship.export.llama.tokenizer import load_tokenizer_model
 from llamaship.export.onnx import export_onnx
-from llamaship.export.spec import ModelSpec
-from llamaship.export.tokenizer import load_tokenizer_model
 from llamaship.targets.onnx_runtime import OnnxModule
 from llamaship.targets.speed import peak_rss_mb
 

@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from llamaship.export.checkpoint import load_checkpoint
 from llamaship.export.hf_folder import write_hf_folder
-from llamaship.export.model import build_model
+from llamaship.export.llama.load import load_checkpoint
+from llamaship.export.llama.model import build_model
 from llamaship.export.onnx import describe_quantization, export_onnx, run_builder
 from llamaship.pipeline import default_model
 from llamaship.quantize.scheme import QuantScheme

@@ -80,8 +80,8 @@ def llama_cpp_child(gguf: str, prompt: str, gen: int, warmup: int, runs: int) ->
 def eager_child(prompt_ids: list[int], gen: int, warmup: int, runs: int) -> None:
     import torch
 
-    from llamaship.export.checkpoint import load_checkpoint
-    from llamaship.export.model import build_model
+    from llamaship.export.llama.load import load_checkpoint
+    from llamaship.export.llama.model import build_model
     from llamaship.pipeline import default_model
 
     torch.set_num_threads(1)
@@ -155,8 +155,8 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     from bandwidth import copy_bandwidth_gbs
 
-    from llamaship.export.checkpoint import load_checkpoint
     from llamaship.export.hf_folder import write_hf_folder
+    from llamaship.export.llama.load import load_checkpoint
     from llamaship.export.onnx import run_builder
     from llamaship.pipeline import default_model
     from llamaship.targets import accuracy

@@ -33,8 +33,8 @@ import onnxruntime as ort
 import torch
 
 from llamaship.data import CALIB_FILE, data_file
-from llamaship.export.checkpoint import load_checkpoint
-from llamaship.export.model import build_model
+from llamaship.export.llama.load import load_checkpoint
+from llamaship.export.llama.model import build_model
 from llamaship.export.qnn import AR, calibration_feeds, quantize_w4a16
 from llamaship.export.qnn_graph import StaticCacheRunner, StaticLlama, export_float_onnx
 from llamaship.pipeline import default_model

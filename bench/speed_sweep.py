@@ -20,9 +20,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from llamaship.export.checkpoint import load_checkpoint
 from llamaship.export.executorch import export_pte
-from llamaship.export.model import build_model
+from llamaship.export.llama.load import load_checkpoint
+from llamaship.export.llama.model import build_model
 from llamaship.pipeline import default_model
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.targets import accuracy

@@ -36,68 +36,25 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from llamaship.bundle import work_dir
 from llamaship.errors import ExportError, UnsupportedError
-from llamaship.export.model import Llama, apply_rope, build_model
-from llamaship.export.spec import ModelSpec
+from llamaship.export.coreml_common import MASK_MIN, MIN_TARGET, StatefulLlama, weight_only
+from llamaship.export.llama.model import build_model
+from llamaship.export.llama.spec import ModelSpec
 from llamaship.quantize.scheme import QuantScheme
 
-MIN_TARGET = "iOS18"  # stateful programs and constexpr_blockwise_shift_scale need iOS 18 / macOS 15
-MASK_MIN = -1e4  # fp16-safe "-inf" for masked positions (fp16 max is 65504)
 STREAMED_PARAMS = 1_000_000_000  # from here on: torchao block by block + torch.export (see above)
 
 
-def rms_norm_fp16_safe(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm that neither overflows nor underflows in fp16. Core ML runs the program in fp16 (the
-    ANE has no fp32), and SmolLM2's residual reaches |h| ~ 26,000, so h^2 overflows (NaN logits);
-    a fixed prescale (1/256) fixes that but underflows the small early-layer activations instead
-    (cosine 0.99 after one layer). Dividing each row by its own max |h| keeps (h/m)^2 in [0, 1] and
-    mean((h/m)^2) >= 1/dim, and (h/m) * rsqrt(mean((h/m)^2) + eps/m^2) equals h * rsqrt(mean(h^2)
-    + eps) in real arithmetic."""
-    m = x.abs().amax(-1, keepdim=True).clamp(min=1e-2)
-    xs = x / m
-    return norm.weight * (xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + norm.eps / m / m))  # m*m overflows
-
-
-class CoreMLLlama(nn.Module):
-    """Wraps a built `Llama` (impl "torch"): same weights, Core ML-shaped inputs and state."""
-
-    def __init__(self, model: Llama) -> None:
-        super().__init__()
-        spec = model.spec
-        self.spec, self.model = spec, model
-        shape = (spec.n_layers, spec.n_kv_heads, model.max_context, spec.head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=torch.float16))
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=torch.float16))
+class CoreMLLlama(StatefulLlama):
+    """Positions from shapes: `causal_mask` [1, 1, T, past + T] says where the T new tokens go."""
 
     def forward(self, input_ids: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
-        m, spec = self.model, self.spec
-        seqlen = input_ids.shape[1]
         end = causal_mask.shape[-1]
-        start = end - seqlen
-        cos, sin = m.rope_cos[start:end], m.rope_sin[start:end]
-        group = spec.n_heads // spec.n_kv_heads
-        h = m.tok_embeddings(input_ids)
-        for i, layer in enumerate(m.layers):
-            att = layer.attention
-            x = rms_norm_fp16_safe(layer.attention_norm, h)
-            q = apply_rope(att.wq(x).view(1, seqlen, spec.n_heads, spec.head_dim), cos, sin)
-            k = apply_rope(att.wk(x).view(1, seqlen, spec.n_kv_heads, spec.head_dim), cos, sin)
-            v = att.wv(x).view(1, seqlen, spec.n_kv_heads, spec.head_dim)
-            self.k_cache[i : i + 1, :, start:end] = k.transpose(1, 2).to(torch.float16)
-            self.v_cache[i : i + 1, :, start:end] = v.transpose(1, 2).to(torch.float16)
-            keys = self.k_cache[i : i + 1, :, :end].to(q.dtype)
-            values = self.v_cache[i : i + 1, :, :end].to(q.dtype)
-            if group > 1:
-                keys = keys.repeat_interleave(group, dim=1)
-                values = values.repeat_interleave(group, dim=1)
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=causal_mask)
-            h = h + att.wo(y.transpose(1, 2).reshape(1, seqlen, -1))
-            h = h + layer.feed_forward(rms_norm_fp16_safe(layer.ffn_norm, h))
-        return m.output(rms_norm_fp16_safe(m.norm, h[:, -1, :]))
+        start = end - input_ids.shape[1]
+        cos, sin = self.model.rope_cos[start:end], self.model.rope_sin[start:end]
+        return self.layers_forward(input_ids, cos, sin, causal_mask, start, end)
 
 
 def causal_mask(past: int, seqlen: int, dtype: Any = np.float32) -> np.ndarray:
@@ -147,7 +104,6 @@ def convert_streamed(
     import coremltools as ct
     from torch.export import Dim
 
-    from llamaship.export.executorch_coreml import weight_only
     from llamaship.quantize.torchao_quant import group_quantizer
 
     scheme.check_fits(spec)
@@ -289,7 +245,7 @@ def describe_quantization(package: Path) -> dict[str, Any]:
     bits, block and symmetric/asymmetric, what they feed, and the float parameters left."""
     from coremltools.converters.mil.mil import types
 
-    from llamaship.targets.mil_eval import Program
+    from llamaship.runtime.mil_eval import Program
 
     prog = Program(package)
     weights = []

@@ -21,8 +21,8 @@ import torch
 
 from llamaship.bundle import work_dir
 from llamaship.errors import ExportError, UnsupportedError
-from llamaship.export.model import Llama, build_model
-from llamaship.export.spec import ModelSpec
+from llamaship.export.llama.model import Llama, build_model
+from llamaship.export.llama.spec import ModelSpec
 from llamaship.quantize.scheme import QuantScheme
 
 OFFLOAD_PARAMS = 1_000_000_000

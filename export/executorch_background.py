@@ -25,8 +25,8 @@ from llamaship.quantize.scheme import QuantScheme
 def _child(conn: Connection, source: str, scheme: dict[str, Any] | None, out_path: str,
            max_context: int, max_seq_len: int) -> None:
     try:
-        from llamaship.export.checkpoint import load_checkpoint
         from llamaship.export.executorch import export_pte
+        from llamaship.export.llama.load import load_checkpoint
         from llamaship.quiet import quiet_library_warnings
 
         quiet_library_warnings()
@@ -34,7 +34,7 @@ def _child(conn: Connection, source: str, scheme: dict[str, Any] | None, out_pat
         quant = QuantScheme(**scheme) if scheme is not None else None
         timings = export_pte(ckpt.spec, ckpt.state, quant, Path(out_path), max_context=max_context,
                              max_seq_len=max_seq_len, progress=lambda m: conn.send(("progress", m)))
-        from llamaship.targets.speed import peak_rss_mb
+        from llamaship.runtime.memory import peak_rss_mb
 
         conn.send(("done", {**timings, "peak_rss_mb": peak_rss_mb()}))
     except LlamashipError as exc:

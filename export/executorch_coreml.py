@@ -24,7 +24,6 @@ is validated by extracting it from the .pte and running it through the MIL refer
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import tempfile
 import time
@@ -33,29 +32,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from llamaship.errors import ExportError
-from llamaship.export.coreml import MASK_MIN, MIN_TARGET, rms_norm_fp16_safe
-from llamaship.export.model import Llama, apply_rope, build_model
-from llamaship.export.spec import ModelSpec
+from llamaship.export.coreml_common import MASK_MIN, MIN_TARGET, StatefulLlama, weight_only
+from llamaship.export.llama.model import Llama, build_model
+from llamaship.export.llama.spec import ModelSpec
 from llamaship.quantize.scheme import QuantScheme
 
-BACKEND_ID = "CoreMLBackend"
 
-
-class CoreMLRunnerLlama(nn.Module):
-    """Wraps a built `Llama` (impl "torch"): same weights, the runner's inputs, fp16 KV state."""
+class CoreMLRunnerLlama(StatefulLlama):
+    """Positions from `input_pos`, as ExecuTorch's runner feeds them; the mask rows come from a buffer."""
 
     def __init__(self, model: Llama) -> None:
-        super().__init__()
-        spec, ctx = model.spec, model.max_context
-        self.spec, self.model = spec, model
-        shape = (spec.n_layers, spec.n_kv_heads, ctx, spec.head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=torch.float16))
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=torch.float16))
-        i = torch.arange(ctx)
+        super().__init__(model)
+        i = torch.arange(model.max_context)
         # row p: what the query at absolute position p may see of the whole cache
         self.register_buffer("mask_rows", torch.where(i[None, :] <= i[:, None], 0.0, MASK_MIN),
                              persistent=False)
@@ -64,38 +54,13 @@ class CoreMLRunnerLlama(nn.Module):
                 layer.attention._buffers.pop(name, None)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        m, spec = self.model, self.spec
-        seqlen = tokens.shape[1]
+        m = self.model
         start = input_pos[0].item()
         torch._check_is_size(start)
-        torch._check(start + seqlen <= m.max_context)
+        torch._check(start + tokens.shape[1] <= m.max_context)
         cos, sin = m.rope_cos[input_pos], m.rope_sin[input_pos]
         mask = self.mask_rows[input_pos][None, None]
-        group = spec.n_heads // spec.n_kv_heads
-        h = m.tok_embeddings(tokens)
-        for i, layer in enumerate(m.layers):
-            att = layer.attention
-            x = rms_norm_fp16_safe(layer.attention_norm, h)
-            q = apply_rope(att.wq(x).view(1, seqlen, spec.n_heads, spec.head_dim), cos, sin)
-            k = apply_rope(att.wk(x).view(1, seqlen, spec.n_kv_heads, spec.head_dim), cos, sin)
-            v = att.wv(x).view(1, seqlen, spec.n_kv_heads, spec.head_dim)
-            self.k_cache[i : i + 1, :, start : start + seqlen] = k.transpose(1, 2).to(torch.float16)
-            self.v_cache[i : i + 1, :, start : start + seqlen] = v.transpose(1, 2).to(torch.float16)
-            keys = self.k_cache[i : i + 1].to(q.dtype)
-            values = self.v_cache[i : i + 1].to(q.dtype)
-            if group > 1:
-                keys = keys.repeat_interleave(group, dim=1)
-                values = values.repeat_interleave(group, dim=1)
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
-            h = h + att.wo(y.transpose(1, 2).reshape(1, seqlen, -1))
-            h = h + layer.feed_forward(rms_norm_fp16_safe(layer.ffn_norm, h))
-        return m.output(rms_norm_fp16_safe(m.norm, h[:, -1, :]))
-
-
-def weight_only(scheme: QuantScheme) -> QuantScheme:
-    """The scheme as this format stores it: weight-only (Core ML computes in fp16; there is no
-    dynamic int8 activation path) and asymmetric, as the .mlpackage (see export/coreml.py)."""
-    return dataclasses.replace(scheme, activations="none", symmetric=False)
+        return self.layers_forward(tokens, cos, sin, mask, start, None)
 
 
 def scheme_name(scheme: QuantScheme | None) -> str:

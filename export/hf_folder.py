@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from llamaship.export.load_hf import hf_name
-from llamaship.export.spec import ModelSpec
-from llamaship.export.tokenizer import Tokenizer
+from llamaship.export.llama.load_hf import hf_name
+from llamaship.export.llama.spec import ModelSpec
+from llamaship.export.llama.tokenizer import Tokenizer
 
 
 def hf_config(spec: ModelSpec, dtype: torch.dtype) -> dict[str, Any]:

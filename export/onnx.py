@@ -29,8 +29,8 @@ import torch
 from llamaship.errors import ExportError, UnsupportedError
 from llamaship.export import onnx_prequant as prequant
 from llamaship.export.hf_folder import write_hf_folder
-from llamaship.export.spec import ModelSpec
-from llamaship.export.tokenizer import Tokenizer
+from llamaship.export.llama.spec import ModelSpec
+from llamaship.export.llama.tokenizer import Tokenizer
 from llamaship.quantize.scheme import QuantScheme
 
 ACCURACY_LEVELS = {1: "fp32", 2: "fp16", 3: "bf16", 4: "int8"}

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from llamaship.export.hf_folder import hf_config, write_tokenizer_files
-from llamaship.export.load_hf import hf_name
-from llamaship.export.spec import ModelSpec
-from llamaship.export.tokenizer import Tokenizer
+from llamaship.export.llama.load_hf import hf_name
+from llamaship.export.llama.spec import ModelSpec
+from llamaship.export.llama.tokenizer import Tokenizer
 from llamaship.progress import advance, natural_key
 from llamaship.quantize.scheme import QuantScheme
 

@@ -31,10 +31,10 @@ import torch
 
 from llamaship.data import CALIB_FILE, data_file
 from llamaship.errors import ExportError, RuntimeFailure, UnsupportedError
-from llamaship.export.model import build_model
+from llamaship.export.llama.model import build_model
+from llamaship.export.llama.spec import ModelSpec
+from llamaship.export.llama.tokenizer import Tokenizer
 from llamaship.export.qnn_graph import MASK_MIN, StaticCacheRunner, StaticLlama, export_float_onnx
-from llamaship.export.spec import ModelSpec
-from llamaship.export.tokenizer import Tokenizer
 from llamaship.progress import advance
 from llamaship.quantize.scheme import QuantScheme
 
@@ -180,7 +180,7 @@ def compile_and_check(qdq_model: Path, ctx_model: Path, soc_model: str,
                       feed: dict[str, np.ndarray]) -> tuple[bool, float]:
     """Compile the context binary, run `feed` on the compile session and on a fresh session of the
     saved context model: (bit-identical?, max |difference|). Runs in a child process (in_child)."""
-    from llamaship.targets.qnn_runtime import compile_context, htp_session
+    from llamaship.runtime.qnn_session import compile_context, htp_session
 
     first = compile_context(qdq_model, ctx_model, soc_model).run(None, feed)
     again = htp_session(ctx_model, soc_model).run(None, feed)
@@ -203,7 +203,7 @@ def export_qnn(
     cache size the graph is compiled for (past slots = max_context - 128)."""
     import onnxruntime as ort
 
-    from llamaship.targets.qnn_runtime import in_child
+    from llamaship.runtime.qnn_session import in_child
 
     check_scheme(scheme, spec)
     if max_context < 2 * AR:

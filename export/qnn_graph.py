@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from llamaship.export.model import Llama, apply_rope
-from llamaship.export.spec import ModelSpec
+from llamaship.export.llama.model import Llama, apply_rope
+from llamaship.export.llama.spec import ModelSpec
 
 MASK_MIN = -100.0  # additive "-inf": exp(-100) is 0 in fp32, and the range stays small enough to
 # quantize scores + mask to 16 bits without flattening the softmax (-1e4 would cost 0.15 per step)

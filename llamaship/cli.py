@@ -189,7 +189,7 @@ def print_validation(bundle: Path) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from llamaship.bundle import read_manifest, updating, write_manifest
     from llamaship.errors import BundleError
-    from llamaship.export.checkpoint import load_checkpoint
+    from llamaship.export.llama.load import load_checkpoint
     from llamaship.pipeline import run_validation
     from llamaship.targets.profile import load_profile
 
@@ -224,7 +224,7 @@ def _verified(bundle: Path, hashes: bool = True) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from llamaship.export.checkpoint import load_spec
+    from llamaship.export.llama.load import load_spec
     from llamaship.pipeline import default_model
     from llamaship.quantize.scheme import QuantScheme
     from llamaship.targets.fit import predict_fit
@@ -254,7 +254,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt
     if args.chat:
         from llamaship.chat import ChatTemplateError
-        from llamaship.export.tokenizer import render_chat
+        from llamaship.export.llama.tokenizer import render_chat
 
         try:
             prompt = render_chat(tok.get("chat_template"), [{"role": "user", "content": prompt}],

@@ -18,7 +18,7 @@ from llamaship.bundle import check_replaceable, staging_dir, write_manifest
 from llamaship.errors import CheckpointError, ExportError, UnsupportedError
 from llamaship.generation import generate
 from llamaship.quantize.scheme import QuantScheme
-from llamaship.targets.speed import peak_rss_mb
+from llamaship.runtime.memory import peak_rss_mb
 
 SMOKE_PROMPT = "The capital of France is"
 BACKGROUND_MAX_PARAMS = 1_000_000_000  # below it, a format that can lowers in a child meanwhile (2nd copy of weights)
@@ -128,7 +128,7 @@ def default_formats(profiles: list[Any]) -> tuple[str, ...]:
 def load_for_export(model: str | Path, progress: Callable[[str], None]) -> tuple[Any, str | None]:
     """The checkpoint, with a chat template the sandbox refuses left out (and why)."""
     from llamaship.chat import template_problem
-    from llamaship.export.checkpoint import load_checkpoint
+    from llamaship.export.llama.load import load_checkpoint
 
     ckpt = load_checkpoint(model, progress=progress)
     spec = ckpt.spec

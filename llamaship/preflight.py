@@ -11,7 +11,7 @@ from pathlib import Path
 from llamaship import backends
 from llamaship.data import CALIB_FILE, EVAL_FILE, data_file
 from llamaship.errors import BundleError
-from llamaship.export.spec import ModelSpec
+from llamaship.export.llama.spec import ModelSpec
 from llamaship.quantize.scheme import QuantScheme
 
 MARGIN = 1.25

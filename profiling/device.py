@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from llamaship.profiling.adb import Adb
+from llamaship.runtime.memory import parse_meminfo_kb
 
 PROPS = {
     "model": "ro.product.model",
@@ -30,13 +31,6 @@ def parse_getprop(text: str) -> dict[str, str]:
         if m:
             props[m.group(1)] = m.group(2)
     return props
-
-
-def parse_meminfo_kb(text: str, field: str = "MemTotal") -> int | None:
-    for line in text.splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return None
 
 
 def parse_thermal_status(text: str) -> int | None:

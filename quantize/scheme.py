@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from llamaship.errors import UnsupportedError
-from llamaship.export.spec import ModelSpec
+from llamaship.export.llama.spec import ModelSpec
 
 GROUP_SIZES = (32, 64, 128, 256)
 

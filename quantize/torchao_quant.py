@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llamaship.export.model import Llama
+from llamaship.export.llama.model import Llama
 from llamaship.quantize.scheme import QuantScheme
 
 OFFLOAD_MIN_NUMEL = 1 << 16  # small tensors are not worth a file each

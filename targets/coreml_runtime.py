@@ -14,6 +14,7 @@ import torch
 
 from llamaship.errors import RuntimeFailure
 from llamaship.export.coreml import causal_mask
+from llamaship.runtime.memory import available_memory
 from llamaship.targets.greedy import generate_ids  # noqa: F401  (this runtime's generation)
 
 
@@ -35,7 +36,7 @@ EVALUATOR_BYTES_PER_WEIGHT_BYTE = 5
 def check_evaluator_memory(package: Path) -> None:
     """Refuse, with the reason, a program the NumPy evaluator cannot hold in this machine's memory
     (instead of the OOM killer ending the whole export)."""
-    from llamaship.targets.mil_eval import WEIGHT_CACHE_BYTES
+    from llamaship.runtime.mil_eval import WEIGHT_CACHE_BYTES
 
     weights = sum(f.stat().st_size for f in Path(package).rglob("*.bin"))
     need = weights * EVALUATOR_BYTES_PER_WEIGHT_BYTE + min(WEIGHT_CACHE_BYTES, weights * 8)
@@ -45,16 +46,6 @@ def check_evaluator_memory(package: Path) -> None:
             f"{package}: the MIL reference evaluator would need about {need / 2**30:.0f} GiB for these "
             f"{weights / 1e9:.1f} GB of weights and {avail / 2**30:.0f} GiB are available; run this "
             "artifact with Core ML on a Mac (the same code path calls MLModel.predict there)")
-
-
-def available_memory() -> int | None:
-    from llamaship.profiling.device import parse_meminfo_kb  # the same parser reads a phone's
-
-    try:
-        kb = parse_meminfo_kb(Path("/proc/meminfo").read_text(), "MemAvailable")
-    except OSError:
-        return None
-    return None if kb is None else kb * 1024
 
 
 class CoreMLModule:
@@ -73,7 +64,7 @@ class CoreMLModule:
             except Exception as exc:
                 raise RuntimeFailure(f"{package}: Core ML could not load it ({exc})") from exc
         else:
-            from llamaship.targets.mil_eval import MilModel
+            from llamaship.runtime.mil_eval import MilModel
 
             check_evaluator_memory(self.package)
             self._eval = MilModel(self.package)

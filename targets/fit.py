@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from llamaship.export.spec import ModelSpec
+from llamaship.export.llama.spec import ModelSpec
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.targets.profile import Profile
 

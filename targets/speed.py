@@ -9,7 +9,6 @@ or the reference model's); the child prints one JSON line that the parent aggreg
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llamaship.errors import RuntimeFailure
+from llamaship.runtime.memory import peak_rss_mb  # noqa: F401  (re-exported: the speed children report it)
 
 
 def _child(pte: str, tokenizer: str, prompt: str, gen_tokens: int, warmup: int, runs: int, num_bos: int) -> None:
@@ -36,19 +36,6 @@ def _child(pte: str, tokenizer: str, prompt: str, gen_tokens: int, warmup: int, 
             results.append(json.loads(stats[-1]))
         stats.clear()
     print(json.dumps({"runs": results, "peak_rss_mb": peak_rss_mb()}))
-
-
-def peak_rss_mb() -> float:
-    """This process's own high-water RSS. Not getrusage's ru_maxrss: Linux carries the parent's
-    high-water mark across fork+exec into it (a child of a 2.3 GB exporter reported 2.6 GB while
-    its own peak was 0.6 GB); /proc/self/status VmHWM belongs to the exec'd image alone."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _summary(values: list[float]) -> dict[str, float]:

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from llamaship import backends
-from llamaship.export.checkpoint import Checkpoint
-from llamaship.export.model import build_model
+from llamaship.export.llama.checkpoint import Checkpoint
+from llamaship.export.llama.model import build_model
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.targets import accuracy
 from llamaship.targets.fit import predict_fit

@@ -128,7 +128,7 @@ def _private_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(gguf_path):
-    from llamaship.export.checkpoint import load_checkpoint
+    from llamaship.export.llama.load import load_checkpoint
 
     return load_checkpoint(gguf_path)
 

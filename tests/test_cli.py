@@ -146,7 +146,7 @@ def test_wrong_params_shapes_leave_nothing(tmp_path, llama2_meta_dir, capsys):
 def test_failure_inside_staging_leaves_nothing(tmp_path, gguf_path, monkeypatch):
     """A failure after artifacts started to be written (here: the tokenizer write) removes the
     staging folder and never creates the destination."""
-    from llamaship.export import tokenizer as tok_mod
+    from llamaship.export.llama import tokenizer as tok_mod
 
     def boom(self, folder):  # type: ignore[no-untyped-def]
         raise OSError(28, "No space left on device")

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from llamaship.errors import RuntimeFailure
 from llamaship.export.coreml import causal_mask, describe_quantization, export_coreml
-from llamaship.export.model import build_model
+from llamaship.export.llama.model import build_model
 from llamaship.quantize.scheme import QuantScheme
-from llamaship.targets import mil_eval
+from llamaship.runtime import mil_eval
 from llamaship.targets.coreml_runtime import CoreMLModule, generate_ids
 from steps import DECODE, PROMPT, eager_steps, run_steps
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from llamaship.export.executorch import export_pte
-from llamaship.export.model import build_model
+from llamaship.export.llama.model import build_model
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.quantize.torchao_quant import quantize_for_executorch
 from llamaship.targets.executorch_runtime import PteModule, generate

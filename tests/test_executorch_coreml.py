@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from llamaship.export.coreml import describe_quantization
 from llamaship.export.executorch_coreml import export_pte_coreml, extract_program, weight_only
-from llamaship.export.model import build_model
+from llamaship.export.llama.model import build_model
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.quantize.torchao_quant import quantize_for_executorch
 from llamaship.targets.coreml_runtime import CoreMLPteModule

@@ -15,10 +15,10 @@ import torch
 from safetensors import safe_open
 
 from llamaship.errors import CheckpointError
-from llamaship.export.checkpoint import load_checkpoint
-from llamaship.export.lazy_state import LazyState
-from llamaship.export.load_hf import our_name
-from llamaship.export.model import build_model
+from llamaship.export.llama.lazy_state import LazyState
+from llamaship.export.llama.load import load_checkpoint
+from llamaship.export.llama.load_hf import our_name
+from llamaship.export.llama.model import build_model
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.quantize.torchao_quant import group_quantizer, quantize_for_executorch
 

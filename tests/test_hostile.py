@@ -470,7 +470,7 @@ def test_bad_profile(content, fragment, tmp_path, capsys):
 def test_reference_cache_that_is_a_file_or_corrupt(tiny_ckpt, tmp_path, monkeypatch):
     """LLAMASHIP_CACHE naming a file costs a recomputation, not the run; a corrupt cached .npy is
     replaced; a temp file of a killed process is swept."""
-    from llamaship.export.model import build_model
+    from llamaship.export.llama.model import build_model
     from llamaship.targets import accuracy
 
     model = build_model(tiny_ckpt.spec, tiny_ckpt.state, max_context=128, impl="torch", full_logits=True)
@@ -548,7 +548,7 @@ def test_internal_error_has_no_traceback_without_debug(gguf_path, tmp_path, monk
     def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr("llamaship.export.checkpoint.load_spec", broken)
+    monkeypatch.setattr("llamaship.export.llama.load.load_spec", broken)
     code, err = run(["fit", "--model", str(gguf_path)], capsys)
     assert code == 1 and "internal error: ZeroDivisionError" in err and "--debug" in err
     assert "Traceback" not in err

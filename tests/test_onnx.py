@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from llamaship.export.checkpoint import load_checkpoint
-from llamaship.export.model import build_model
+from llamaship.export.llama.load import load_checkpoint
+from llamaship.export.llama.model import build_model
 from llamaship.export.onnx import builder_options, describe_quantization, export_onnx
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.targets.onnx_runtime import OnnxModule, generate_text

@@ -54,7 +54,7 @@ def test_output_folder_checks(tmp_path):
 
 
 def test_disk_space_is_checked_against_the_expected_size(gguf_path, tmp_path):
-    from llamaship.export.checkpoint import load_checkpoint
+    from llamaship.export.llama.load import load_checkpoint
     from llamaship.quantize.scheme import QuantScheme
 
     spec = load_checkpoint(gguf_path).spec
@@ -91,7 +91,7 @@ def test_advance_on_a_plain_callable():
 
 
 def test_gguf_models_get_a_name_a_person_recognises():
-    from llamaship.export.load_gguf import display_name
+    from llamaship.export.llama.load_gguf import display_name
 
     meta = {"general.basename": "smollm2", "general.size_label": "135M", "general.name": "Smollm2 135M 8k Lc100K"}
     assert display_name(meta, Path("SmolLM2-135M-Instruct.Q4_1.gguf")) == "SmolLM2-135M-Instruct"

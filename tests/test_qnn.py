@@ -15,7 +15,7 @@ import torch
 from onnx import TensorProto, helper
 
 from llamaship.errors import RuntimeFailure, UnsupportedError
-from llamaship.export.model import RMSNorm, build_model
+from llamaship.export.llama.model import RMSNorm, build_model
 from llamaship.export.qnn import check_scheme, export_qnn
 from llamaship.export.qnn_graph import StaticCacheRunner, StaticLlama, export_float_onnx, rms_norm_prescaled
 from llamaship.export.qnn_lpbq import lpbq_dequantize, lpbq_nodes, lpbq_quantize

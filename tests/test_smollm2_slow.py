@@ -51,7 +51,7 @@ def test_smollm2_bundle_answers_paris(tmp_path: Path):
     assert report["artifacts"][1]["speed"]["decode_tok_s"]["median"] > 10
     assert manifest["files"]["onnx/model.onnx.data"]["size"] < 140e6
     # device-fit weights prediction vs the real .pte
-    from llamaship.export.checkpoint import load_spec
+    from llamaship.export.llama.load import load_spec
     from llamaship.pipeline import default_model
     from llamaship.quantize.scheme import QuantScheme
     from llamaship.targets.fit import predict_fit

@@ -15,9 +15,9 @@ from checkpoints import (
     LLAMA3_TOKENIZER_SHA256,
 )
 from llamaship.data import EVAL_FILE, data_file
-from llamaship.export.checkpoint import load_checkpoint
-from llamaship.export.load_gguf import load_gguf
-from llamaship.export.tokenizer import is_tiktoken_file, load_tokenizer_model
+from llamaship.export.llama.load import load_checkpoint
+from llamaship.export.llama.load_gguf import load_gguf
+from llamaship.export.llama.tokenizer import is_tiktoken_file, load_tokenizer_model
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import pytest
 
 from checkpoints import LLAMA2_TOKENIZER
 from llamaship.cli import main
-from llamaship.export.checkpoint import load_spec
 from llamaship.export.executorch import export_pte
+from llamaship.export.llama.load import load_spec
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.targets import accuracy
 from llamaship.targets.fit import predict_fit
@@ -64,7 +64,7 @@ def test_slice_windows_and_scoring(tiny_ckpt):
 
 def test_stepwise_fp32_artifact_matches_reference(tiny_ckpt, tiny_fp32_pte):
     """The fp32 .pte fed token by token reproduces the fp32 module's prefill distribution."""
-    from llamaship.export.model import build_model
+    from llamaship.export.llama.model import build_model
     from llamaship.targets.executorch_runtime import PteModule
 
     s = accuracy.make_slice(tiny_ckpt.tokenizer, 256, 128)

@@ -19,7 +19,7 @@ class EagerModule:
     def __init__(self, weights: Path, spec: Any, max_context: int) -> None:
         from safetensors.torch import load_file
 
-        from llamaship.export.model import build_model
+        from llamaship.export.llama.model import build_model
 
         self.model = build_model(spec, load_file(str(weights)), max_context=max_context, impl="torch")
 
@@ -48,7 +48,7 @@ class Toy(Backend):
         return Exported(entry, {"write_s": 0.0})
 
     def load_module(self, folder: Path, art: Mapping[str, Any]) -> Module:
-        from llamaship.export.spec import ModelSpec
+        from llamaship.export.llama.spec import ModelSpec
 
         return EagerModule(folder / art["path"], ModelSpec.from_json(art["spec"]), art["max_context"])
 

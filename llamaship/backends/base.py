@@ -32,7 +32,7 @@ class Module(Protocol):
 class ExportJob:
     """Everything an exporter may use. `options` holds the backends' own CLI options by dest name."""
 
-    ckpt: Any  # llamaship.export.checkpoint.Checkpoint
+    ckpt: Any  # llamaship.export.llama.checkpoint.Checkpoint
     scheme: QuantScheme | None
     folder: Path  # the staging folder: the artifact goes inside it
     max_context: int
@@ -153,7 +153,7 @@ class NotRunnableHere(Exception):
 def bundle_tokenizer(req: Request) -> Any:
     """The tokenizer file the bundle ships (what an app loads), not the checkpoint's."""
     from llamaship.bundle import bundle_path
-    from llamaship.export.tokenizer import load_tokenizer_json, load_tokenizer_model
+    from llamaship.export.llama.tokenizer import load_tokenizer_json, load_tokenizer_model
 
     path = bundle_path(req.folder, req.tokenizer.get("path"))
     return load_tokenizer_json(path, {}) if path.suffix == ".json" else load_tokenizer_model(path)

@@ -56,7 +56,8 @@ class CoreML(CoreMLBase):
     runtime = "Core ML on macOS, else the MIL reference evaluator (NumPy)"
 
     def export(self, job: ExportJob) -> Exported:
-        from llamaship.export.coreml import MIN_TARGET, export_coreml
+        from llamaship.export.coreml import export_coreml
+        from llamaship.export.coreml_common import MIN_TARGET
 
         spec, scheme = job.ckpt.spec, job.scheme
         seq = min(job.max_seq_len, job.max_context)

@@ -18,7 +18,7 @@ class ExecuTorchCoreML(CoreMLBase):
                "evaluator (NumPy)")
 
     def export(self, job: ExportJob) -> Exported:
-        from llamaship.export.coreml import MIN_TARGET
+        from llamaship.export.coreml_common import MIN_TARGET
         from llamaship.export.executorch_coreml import export_pte_coreml, scheme_name
 
         spec = job.ckpt.spec

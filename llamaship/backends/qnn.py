@@ -44,7 +44,7 @@ class Qnn(Backend):
     scored_while_lowering = False  # its report compares it with the CPU artifact, which may still lower
 
     def check(self, scheme: QuantScheme | None, options: Mapping[str, Any]) -> None:
-        from llamaship.targets.qnn_runtime import available
+        from llamaship.runtime.qnn_session import available
 
         if scheme is None or scheme.bits != 4:
             raise UnsupportedError("--format qnn is w4a16 (4-bit LPBQ weights, 16-bit activations): "
@@ -100,7 +100,7 @@ class Qnn(Backend):
         """On a short slice of its own (one prompt chunk takes ~35 s for SmolLM2 on the simulator):
         windows of two chunks, the second scored with the first in the cache. The bundle's CPU
         artifact is scored on the same slice, so the gate can compare the two."""
-        from llamaship.export.model import build_model
+        from llamaship.export.llama.model import build_model
         from llamaship.targets import accuracy
 
         ckpt, progress = ctx.ckpt, ctx.progress

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llamaship.errors import CheckpointError
-from llamaship.export.spec import ModelSpec
+from llamaship.export.llama.spec import ModelSpec
 
 MAX_TOKENIZER_BYTES = 256 << 20  # Llama 3's tokenizer.json is 9 MB, its tiktoken file 2 MB
 

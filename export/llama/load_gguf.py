@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from llamaship.errors import CheckpointError, UnsupportedError
-from llamaship.export.checkpoint import Checkpoint, config_errors, permute_meta_to_half
-from llamaship.export.spec import ModelSpec
-from llamaship.export.tokenizer import LLAMA3_STOP_TOKENS, Tokenizer
+from llamaship.export.llama.checkpoint import Checkpoint, config_errors, permute_meta_to_half
+from llamaship.export.llama.spec import ModelSpec
+from llamaship.export.llama.tokenizer import LLAMA3_STOP_TOKENS, Tokenizer
 
 # Meta's Llama 3 pre-tokenizer regex (llama.cpp calls it "llama-bpe").
 LLAMA3_PATTERN = (

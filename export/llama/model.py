@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llamaship.export.spec import ModelSpec, RopeScaling
+from llamaship.export.llama.spec import ModelSpec, RopeScaling
 
 
 def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:

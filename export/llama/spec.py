@@ -1,7 +1,7 @@
 """ModelSpec: the one description of a Llama-architecture model that every loader fills in.
 
 Loaders for Hugging Face folders, Meta folders and GGUF files all reduce to this dataclass plus a
-state dict in the naming of `llamaship.export.model.Llama`, so everything downstream (export,
+state dict in the naming of `llamaship.export.llama.model.Llama`, so everything downstream (export,
 quantization, validation, the manifest) sees one shape of model whatever the source was.
 """
 

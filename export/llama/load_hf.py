@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from llamaship.errors import CheckpointError, UnsupportedError
-from llamaship.export.checkpoint import Checkpoint, config_errors, read_json
-from llamaship.export.lazy_state import LazyState, read_safetensors_lazy
-from llamaship.export.spec import ModelSpec, RopeScaling
-from llamaship.export.tokenizer import load_tokenizer
+from llamaship.export.llama.checkpoint import Checkpoint, config_errors, read_json
+from llamaship.export.llama.lazy_state import LazyState, read_safetensors_lazy
+from llamaship.export.llama.spec import ModelSpec, RopeScaling
+from llamaship.export.llama.tokenizer import load_tokenizer
 
 HF_TO_OURS = {
     "model.embed_tokens.weight": "tok_embeddings.weight",

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from llamaship.errors import CheckpointError, UnsupportedError
-from llamaship.export.checkpoint import Checkpoint, check_state, config_errors, permute_meta_to_half, read_json
-from llamaship.export.lazy_state import LazyState
-from llamaship.export.spec import ModelSpec, RopeScaling
-from llamaship.export.tokenizer import load_tokenizer_model
+from llamaship.export.llama.checkpoint import Checkpoint, check_state, config_errors, permute_meta_to_half, read_json
+from llamaship.export.llama.lazy_state import LazyState
+from llamaship.export.llama.spec import ModelSpec, RopeScaling
+from llamaship.export.llama.tokenizer import load_tokenizer_model
 
 # Meta's reference applies this scaling when params.json says use_scaled_rope (Llama 3.1+).
 LLAMA31_ROPE_SCALING = RopeScaling(8.0, 1.0, 4.0, 8192)
