@@ -32,6 +32,7 @@ test-slow: $(BIN)/llamaship
 
 lint: $(BIN)/llamaship
 	$(BIN)/ruff check .
+	BIN=$(BIN) .ci/typecheck
 
 clean:
 	rm -rf $(VENV) bundles

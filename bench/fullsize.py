@@ -31,8 +31,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "tests" / "data" / "configs"
-sys.path.insert(0, str(ROOT / "tests"))
-from checkpoints import LLAMA2_TOKENIZER, LLAMA3_TOKENIZER  # noqa: E402  (the real files the tests use)
+sys.path.insert(0, str(ROOT))
+from tests.checkpoints import LLAMA2_TOKENIZER, LLAMA3_TOKENIZER  # noqa: E402  (the real files the tests use)
 
 MODELS = {  # name: (Meta params folder, HF config folder, tokenizer file)
     "llama2-7b": ("llama-2-7b", "llama-2-7b-hf", LLAMA2_TOKENIZER),

@@ -9,7 +9,6 @@ builder with the same checks, the same q/k layout and the same tokenizer fixes a
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -123,9 +122,3 @@ def write_hf_folder(
     (folder / "config.json").write_text(json.dumps(hf_config(spec, dtype), indent=1))
     write_tokenizer_files(tokenizer, spec, folder)
     return folder
-
-
-def copy_tokenizer_files(src: Path, dest: Path) -> None:
-    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
-        if (src / name).exists():
-            shutil.copyfile(src / name, dest / name)

@@ -112,7 +112,7 @@ def write_olive_folder(
 
     folder.mkdir(parents=True, exist_ok=True)
     shard: dict[str, torch.Tensor] = {}
-    size, files, weight_map = 0, [], {}
+    size, files, weight_map = 0, [], {}  # type: tuple[int, list[str], dict[str, str]]
     float_dtype = torch.float32
 
     def flush() -> None:

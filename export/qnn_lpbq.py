@@ -39,12 +39,6 @@ def lpbq_quantize(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np
     return q, scale_q, channel
 
 
-def lpbq_dequantize(q: np.ndarray, scale_q: np.ndarray, channel: np.ndarray, block: int) -> np.ndarray:
-    k, n = q.shape
-    scales = scale_q.astype(np.float32) * channel
-    return (q.reshape(k // block, block, n).astype(np.float32) * scales[:, None, :]).reshape(k, n)
-
-
 def _int4_tensor(name: str, values: np.ndarray) -> TensorProto:
     """An INT4 initializer: two values per byte, low nibble first (ONNX's packing)."""
     flat = (values.reshape(-1).astype(np.int8) & 0x0F).astype(np.uint8)

@@ -311,23 +311,31 @@ def verify_bundle(bundle: Path, digest: str | None = None, hashes: bool = True) 
     the user expects (from export's output). `hashes=False` checks sizes but skips the sha256 of
     every file (generate --no-verify on multi-GB bundles); paths and the manifest are checked always."""
     manifest = read_manifest(bundle)
-    problems: list[str] = []
+    listed = set(manifest["files"])
+    return (_digest_problems(bundle, digest) + _file_problems(bundle, manifest["files"], hashes)
+            + _named_path_problems(bundle, manifest, listed) + _stray_problems(bundle, listed))
+
+
+def _digest_problems(bundle: Path, digest: str | None) -> list[str]:
+    problems = []
     actual = bundle_digest(bundle)
     if digest is not None and digest.lower().removeprefix("sha256:") != actual:
         problems.append(f"{MANIFEST}: bundle digest {actual} is not the expected {digest} (the manifest was "
                         "changed, or this is another bundle)")
+    if not (bundle / DIGEST).exists():
+        return problems + [f"{DIGEST}: missing (bundles from before the digest: re-export)"]
     try:
-        recorded = bundle_path(bundle, DIGEST).read_text(errors="replace").split()[0] if (bundle / DIGEST).exists() \
-            else None
+        recorded = bundle_path(bundle, DIGEST).read_text(errors="replace").split()[0]
     except (BundleError, IndexError) as exc:
-        recorded = None
-        problems.append(f"{DIGEST}: unreadable ({exc})")
-    if recorded is None and not problems:
-        problems.append(f"{DIGEST}: missing (bundles from before the digest: re-export)")
-    elif recorded is not None and recorded != actual:
+        return problems + [f"{DIGEST}: unreadable ({exc})"]
+    if recorded != actual:
         problems.append(f"{MANIFEST}: changed after export (its sha256 is not the one in {DIGEST})")
-    listed = set(manifest["files"])
-    for name, entry in manifest["files"].items():
+    return problems
+
+
+def _file_problems(bundle: Path, files: dict[str, Any], hashes: bool) -> list[str]:
+    problems = []
+    for name, entry in files.items():
         if not os.path.lexists(bundle / name):
             problems.append(f"{name}: missing")
             continue
@@ -340,6 +348,11 @@ def verify_bundle(bundle: Path, digest: str | None = None, hashes: bool = True) 
             problems.append(f"{name}: size {path.stat().st_size} != manifest {entry.get('size')}")
         elif hashes and sha256_file(path) != entry.get("sha256"):
             problems.append(f"{name}: sha256 mismatch (file modified or corrupt)")
+    return problems
+
+
+def _named_path_problems(bundle: Path, manifest: dict[str, Any], listed: set[str]) -> list[str]:
+    problems = []
     for name, folder in named_paths(manifest):
         try:
             bundle_path(bundle, name, folder=folder)
@@ -348,6 +361,12 @@ def verify_bundle(bundle: Path, digest: str | None = None, hashes: bool = True) 
             continue
         if not folder and name not in listed:
             problems.append(f"manifest names {name!r}, which its files table does not list")
+    return problems
+
+
+def _stray_problems(bundle: Path, listed: set[str]) -> list[str]:
+    """Symlinks anywhere, and files the manifest does not list."""
+    problems = []
     for root, dirs, names in os.walk(bundle):
         for entry in dirs + names:
             path = Path(root) / entry

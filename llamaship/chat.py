@@ -69,10 +69,24 @@ def _environment() -> Any:
     return env
 
 
-def render_sandboxed(template: str, **context: Any) -> str:
-    """Render `template` with `context`; ChatTemplateError when it fails or breaks a budget."""
+def _refusal(exc: Exception) -> ChatTemplateError:
     from jinja2.exceptions import SecurityError, TemplateError
 
+    if isinstance(exc, ChatTemplateError):
+        return exc
+    if isinstance(exc, _Budget):
+        return ChatTemplateError(f"the chat template ran longer than {MAX_SECONDS:.0f} s; refused")
+    if isinstance(exc, SecurityError):
+        return ChatTemplateError(f"the chat template tried something a template may not ({exc})")
+    if isinstance(exc, TemplateError):
+        return ChatTemplateError(f"the chat template failed: {exc}")
+    if isinstance(exc, (RecursionError, MemoryError)):
+        return ChatTemplateError(f"the chat template exhausted the stack or memory ({type(exc).__name__})")
+    return ChatTemplateError(f"the chat template failed ({type(exc).__name__}: {exc})")
+
+
+def render_sandboxed(template: str, **context: Any) -> str:
+    """Render `template` with `context`; ChatTemplateError when it fails or breaks a budget."""
     if not isinstance(template, str):
         raise ChatTemplateError(f"the chat template is a {type(template).__name__}, not text")
     if len(template) > MAX_TEMPLATE_CHARS:
@@ -101,16 +115,8 @@ def render_sandboxed(template: str, **context: Any) -> str:
                     raise _Budget
         finally:
             sys.settrace(previous)
-    except _Budget as exc:
-        raise ChatTemplateError(f"the chat template ran longer than {MAX_SECONDS:.0f} s; refused") from exc
-    except SecurityError as exc:
-        raise ChatTemplateError(f"the chat template tried something a template may not ({exc})") from exc
-    except TemplateError as exc:
-        raise ChatTemplateError(f"the chat template failed: {exc}") from exc
-    except (RecursionError, MemoryError) as exc:
-        raise ChatTemplateError(f"the chat template exhausted the stack or memory ({type(exc).__name__})") from exc
-    except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError, OverflowError) as exc:
-        raise ChatTemplateError(f"the chat template failed ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # noqa: BLE001  (each kind becomes one clear refusal below)
+        raise _refusal(exc) from exc
     return "".join(pieces)
 
 

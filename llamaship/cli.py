@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         # Staging folders are already removed (bundle.staging_dir / updating). Leave now with
         # 128 + signal: a CI run once saw the process die of SIGINT (-2) during interpreter shutdown
         # after this message, from native code's own signal handling, which scripts would read as a crash.
-        signum = _INTERRUPTED or signal.SIGINT
+        signum = int(_INTERRUPTED or signal.SIGINT)
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_IGN)
         what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"

@@ -31,11 +31,6 @@ from llamaship.targets.greedy import generate_ids  # noqa: F401  (this runtime's
 
 T = TypeVar("T")
 
-def check_loads(model: Path, soc_model: str) -> None:
-    """Raise RuntimeFailure unless `model` loads with every node on the HTP."""
-    htp_session(model, soc_model)
-
-
 def _serve(conn: Any, folder: str, art: dict[str, Any]) -> None:
     """The child of a QnnModule: holds the session and the app-side cache, answers forward calls."""
     import json

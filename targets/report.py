@@ -92,7 +92,7 @@ def render_png(report: dict[str, Any], path: Path) -> None:
     ax1.set_ylabel("mean KLD vs fp32 (nats/token)")
     ax1.set_title("accuracy vs size")
     labels, values, colors = [], [], []
-    device = report.get("device")
+    device = report.get("device") or {}
     for a in report["artifacts"] if device else []:
         labels.append(f"{a['path']}\n{device.get('model')}\n(measured)")
         values.append(a["speed"]["decode_tok_s"]["median"])

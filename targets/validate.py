@@ -63,13 +63,13 @@ def scheme_from_manifest(quant: dict[str, Any]) -> QuantScheme | None:
 def check_gates(profile: Profile, acc: dict[str, Any] | None, speed_tok_s: float | None,
                 predicted_tok_s: float, fits: bool) -> list[dict[str, Any]]:
     """Each gate with its limit, the measured value, pass/fail and by how much."""
-    values = {
-        "max_kld": acc and acc["mean_kld"],
-        "min_top1": acc and acc["top1_agreement"],
-        "max_ppl_ratio": acc and acc["ppl_ratio"],
+    values: dict[str, float | None] = {
+        "max_kld": acc["mean_kld"] if acc else None,
+        "min_top1": acc["top1_agreement"] if acc else None,
+        "max_ppl_ratio": acc["ppl_ratio"] if acc else None,
         "min_decode_tok_s": speed_tok_s,
         "min_predicted_decode_tok_s": predicted_tok_s,
-        "max_kld_ratio_vs_cpu": acc and acc.get("kld_ratio_vs_cpu"),
+        "max_kld_ratio_vs_cpu": acc.get("kld_ratio_vs_cpu") if acc else None,
     }
     gates = []
     for name, limit in profile.gates.items():

@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
-from checkpoints import (  # noqa: E402
+from tests.checkpoints import (
     LLAMA2_TOKENIZER,
     LLAMA3_TOKENIZER,
     tiny_hf_model,

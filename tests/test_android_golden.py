@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from checkpoints import CHATML_TEMPLATE
 from llamaship.export.llama.tokenizer import LLAMA2_CHAT_TEMPLATE, LLAMA3_CHAT_TEMPLATE, render_chat
+from tests.checkpoints import CHATML_TEMPLATE
 
 GOLDEN = Path(__file__).resolve().parents[1] / "android_demo" / "core" / "src" / "test" / "resources" / "golden"
 UPDATE = os.environ.get("LLAMASHIP_UPDATE_GOLDEN") == "1"

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def toy():  # type: ignore[no-untyped-def]
-    from toy_format import Toy
+    from tests.toy_format import Toy
 
     backend = backends.register(Toy())
     yield backend

@@ -133,7 +133,7 @@ CASES: list[tuple[str, str, Mutator, int, str]] = [
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory, llama2_hf_dir, llama2_meta_dir, gguf_path) -> dict[str, Path]:
-    from checkpoints import LLAMA2_TOKENIZER, tiny_hf_model, write_hf
+    from tests.checkpoints import LLAMA2_TOKENIZER, tiny_hf_model, write_hf
 
     root = tmp_path_factory.mktemp("sources")
     # a 320-token model shipped with Llama 2's 32000-token tokenizer

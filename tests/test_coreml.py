@@ -23,7 +23,7 @@ from llamaship.export.llama.model import build_model
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.runtime import mil_eval
 from llamaship.targets.coreml_runtime import CoreMLModule, generate_ids
-from steps import DECODE, PROMPT, eager_steps, run_steps
+from tests.steps import DECODE, PROMPT, eager_steps, run_steps
 
 OPS = mil_eval.OPS
 rng = np.random.default_rng(0)

@@ -17,7 +17,7 @@ from llamaship.export.llama.model import build_model
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.quantize.torchao_quant import quantize_for_executorch
 from llamaship.targets.executorch_runtime import PteModule, generate
-from steps import eager_steps, run_steps
+from tests.steps import eager_steps, run_steps
 
 
 def test_fp32_pte_matches_module(tiny_ckpt, tiny_fp32_pte):

@@ -16,7 +16,7 @@ from llamaship.export.llama.model import build_model
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.quantize.torchao_quant import quantize_for_executorch
 from llamaship.targets.coreml_runtime import CoreMLPteModule
-from steps import DECODE, PROMPT, eager_steps, run_steps
+from tests.steps import DECODE, PROMPT, eager_steps, run_steps
 
 CTX = 64
 

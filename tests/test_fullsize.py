@@ -50,7 +50,7 @@ def test_meta_checkpoint_is_lazy_and_matches_hf(llama2_meta_dir, llama2_hf_dir):
 
 
 def test_nan_in_a_lazy_tensor_names_it(tmp_path, llama2_hf_model):
-    from checkpoints import LLAMA2_TOKENIZER, write_hf
+    from tests.checkpoints import LLAMA2_TOKENIZER, write_hf
 
     model = llama2_hf_model
     with torch.no_grad():

@@ -418,7 +418,7 @@ def test_corrupt_checkpoint_never_exports(case, llama2_hf_dir, llama2_meta_dir, 
 
 
 def test_gguf_with_malformed_tokenizer_metadata(gguf_model, bpe_vocab, tmp_path, capsys):
-    from checkpoints import write_gguf
+    from tests.checkpoints import write_gguf
 
     tokens, merges, types = bpe_vocab
     path = write_gguf(gguf_model, tmp_path / "bad.gguf", tokens, ["no-space-here", *merges], types[:-5])

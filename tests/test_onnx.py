@@ -19,8 +19,8 @@ from llamaship.export.llama.model import build_model
 from llamaship.export.onnx import builder_options, describe_quantization, export_onnx
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.targets.onnx_runtime import OnnxModule, generate_text
-from steps import eager_steps as module_steps
-from steps import run_steps
+from tests.steps import eager_steps as module_steps
+from tests.steps import run_steps
 
 
 def eager_steps(ckpt) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]

@@ -18,10 +18,18 @@ from llamaship.errors import RuntimeFailure, UnsupportedError
 from llamaship.export.llama.model import RMSNorm, build_model
 from llamaship.export.qnn import check_scheme, export_qnn
 from llamaship.export.qnn_graph import StaticCacheRunner, StaticLlama, export_float_onnx, rms_norm_prescaled
-from llamaship.export.qnn_lpbq import lpbq_dequantize, lpbq_nodes, lpbq_quantize
+from llamaship.export.qnn_lpbq import lpbq_nodes, lpbq_quantize
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.targets import qnn_runtime
-from llamaship.targets.qnn_runtime import QnnModule, check_loads, generate_ids, in_child
+from llamaship.targets.qnn_runtime import QnnModule, generate_ids, htp_session, in_child
+
+
+def lpbq_dequantize(q: np.ndarray, scale_q: np.ndarray, channel: np.ndarray, block: int) -> np.ndarray:
+    """The reference meaning of LPBQ codes: q x (per-block uint4 scale x per-channel fp32 scale)."""
+    k, n = q.shape
+    scales = scale_q.astype(np.float32) * channel
+    return (q.reshape(k // block, block, n).astype(np.float32) * scales[:, None, :]).reshape(k, n)
+
 
 pytestmark = pytest.mark.skipif(not qnn_runtime.available(), reason="onnxruntime-qnn (Linux x86_64) not installed")
 CTX = 256  # two prompt chunks of 128
@@ -214,7 +222,7 @@ def test_htp_refuses_a_graph_it_cannot_run(tmp_path):
     path = tmp_path / "det.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     with pytest.raises(RuntimeFailure, match="det.onnx"):
-        in_child(check_loads, path, "SM8650")
+        in_child(htp_session, path, "SM8650")
 
 
 def test_qnn_refuses_schemes_it_cannot_hold(tiny_ckpt):

@@ -8,16 +8,16 @@ import hashlib
 import pytest
 from pytorch_tokenizers import CppHFTokenizer, CppSPTokenizer, CppTiktoken
 
-from checkpoints import (
+from llamaship.data import EVAL_FILE, data_file
+from llamaship.export.llama.load import load_checkpoint
+from llamaship.export.llama.load_gguf import load_gguf
+from llamaship.export.llama.tokenizer import is_tiktoken_file, load_tokenizer_model
+from tests.checkpoints import (
     LLAMA2_TOKENIZER,
     LLAMA2_TOKENIZER_SHA256,
     LLAMA3_TOKENIZER,
     LLAMA3_TOKENIZER_SHA256,
 )
-from llamaship.data import EVAL_FILE, data_file
-from llamaship.export.llama.load import load_checkpoint
-from llamaship.export.llama.load_gguf import load_gguf
-from llamaship.export.llama.tokenizer import is_tiktoken_file, load_tokenizer_model
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from checkpoints import LLAMA2_TOKENIZER
 from llamaship.cli import main
 from llamaship.export.executorch import export_pte
 from llamaship.export.llama.load import load_spec
@@ -18,6 +17,7 @@ from llamaship.targets import accuracy
 from llamaship.targets.fit import predict_fit
 from llamaship.targets.profile import BUILTIN, load_profile
 from llamaship.targets.validate import validate
+from tests.checkpoints import LLAMA2_TOKENIZER
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 

@@ -76,25 +76,10 @@ def read_safetensors_lazy(files: list[Path], rename: Callable[[str], str | None]
     The header is checked the way the safetensors library checks it, because a corrupt one
     otherwise exports garbage with exit 0: each byte range non-negative, in bounds, of exactly
     dtype x shape bytes, no two overlapping, no name twice (in a file or across shards)."""
-    from llamaship.safe_io import parse_json_object, regular_file
-
     seen: dict[str, Path] = {}
     for path in files:
-        size = regular_file(path, CheckpointError, "safetensors file")
-        try:
-            with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise ValueError("shorter than its 8-byte header length")
-                (n,) = struct.unpack("<Q", head)
-                if n > MAX_HEADER or 8 + n > size:
-                    raise ValueError(f"header length {n} does not fit a {size}-byte file")
-                raw = f.read(n)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: cannot read safetensors file ({exc}); it is truncated or corrupt: "
-                                  "download or convert it again") from exc
-        header = parse_json_object(raw, path, CheckpointError, "safetensors header")
-        base, ranges = 8 + n, []
+        header, base, size = _read_header(path)
+        ranges = []
         for key, info in header.items():
             if key == "__metadata__":
                 continue
@@ -124,6 +109,26 @@ def read_safetensors_lazy(files: list[Path], rename: Callable[[str], str | None]
             if begin_b < end_a:
                 raise CheckpointError(f"{path}: tensors {a} and {b} claim the same bytes; the file is corrupt: "
                                       "download or convert it again")
+
+
+def _read_header(path: Path) -> tuple[dict, int, int]:
+    """(header, offset of the data, file size), the 8-byte length and the JSON table checked."""
+    from llamaship.safe_io import parse_json_object, regular_file
+
+    size = regular_file(path, CheckpointError, "safetensors file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            raw = f.read(n)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read safetensors file ({exc}); it is truncated or corrupt: "
+                              "download or convert it again") from exc
+    return parse_json_object(raw, path, CheckpointError, "safetensors header"), 8 + n, size
 
 
 def _count(value: object) -> int:

@@ -1,0 +1,1 @@
+"""llamaship's tests, an importable package (tests.checkpoints, tests.steps, tests.toy_format)."""
