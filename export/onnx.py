@@ -103,7 +103,11 @@ def run_builder(hf_dir: Path, out: Path, precision: str, options: dict[str, str]
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
            "-p", precision, "-e", "cpu", "-c", str(cache), "--extra_options", "hf_token=false",
            *(f"{k}={v}" for k, v in options.items())]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    # GIT_DIR: the builder stamps producer_version with `git rev-parse HEAD` run five folders above
+    # its own file, which for a venv inside a git checkout is that checkout's commit (ours, not
+    # onnxruntime-genai's): the same model then hashed differently at every commit. Without git it
+    # falls back to the wheel's own commit, so the bytes depend on the inputs alone.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", GIT_DIR=os.devnull)
     with open(log, "w") as f:
         res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if res.returncode != 0 or not (out / "model.onnx").exists():
