@@ -51,10 +51,11 @@ class CoreMLLlama(StatefulLlama):
     """Positions from shapes: `causal_mask` [1, 1, T, past + T] says where the T new tokens go."""
 
     def forward(self, input_ids: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
+        seqlen = input_ids.shape[1]
         end = causal_mask.shape[-1]
-        start = end - input_ids.shape[1]
+        start = end - seqlen
         cos, sin = self.model.rope_cos[start:end], self.model.rope_sin[start:end]
-        return self.layers_forward(input_ids, cos, sin, causal_mask, start, end)
+        return self.layers_forward(input_ids, seqlen, cos, sin, causal_mask, start, end)
 
 
 def causal_mask(past: int, seqlen: int, dtype: Any = np.float32) -> np.ndarray:

@@ -42,6 +42,9 @@ def weight_only(scheme: QuantScheme) -> QuantScheme:
 class StatefulLlama(nn.Module):
     """Wraps a built `Llama` (impl "torch"): same weights, an fp16 KV cache held as state."""
 
+    k_cache: torch.Tensor  # buffers, declared for the type checker
+    v_cache: torch.Tensor
+
     def __init__(self, model: Llama) -> None:
         super().__init__()
         spec = model.spec
@@ -50,12 +53,14 @@ class StatefulLlama(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=torch.float16))
         self.register_buffer("v_cache", torch.zeros(shape, dtype=torch.float16))
 
-    def layers_forward(self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                       start: int | torch.SymInt, read_end: int | None) -> torch.Tensor:
-        """Logits of the last position. New keys/values go to cache slots [start, start + T);
-        attention reads slots [0, read_end) (the whole cache when None, the mask hiding the rest)."""
+    def layers_forward(self, tokens: torch.Tensor, seqlen: int, cos: torch.Tensor, sin: torch.Tensor,
+                       mask: torch.Tensor, start: int | torch.SymInt, end: int | None) -> torch.Tensor:
+        """Logits of the last position. New keys/values go to cache slots [start, end), and
+        attention reads slots [0, end); with `end` None (positions from `input_pos`), they go to
+        [start, start + T) and attention reads the whole cache, the mask hiding the rest. Each
+        expression is spelled as each route traced it before they shared this loop, so both
+        programs are op for op what they were."""
         m, spec = self.model, self.spec
-        seqlen = tokens.shape[1]
         group = spec.n_heads // spec.n_kv_heads
         h = m.tok_embeddings(tokens)
         for i, layer in enumerate(m.layers):
@@ -64,13 +69,15 @@ class StatefulLlama(nn.Module):
             q = apply_rope(att.wq(x).view(1, seqlen, spec.n_heads, spec.head_dim), cos, sin)
             k = apply_rope(att.wk(x).view(1, seqlen, spec.n_kv_heads, spec.head_dim), cos, sin)
             v = att.wv(x).view(1, seqlen, spec.n_kv_heads, spec.head_dim)
-            self.k_cache[i : i + 1, :, start : start + seqlen] = k.transpose(1, 2).to(torch.float16)
-            self.v_cache[i : i + 1, :, start : start + seqlen] = v.transpose(1, 2).to(torch.float16)
-            if read_end is None:
+            if end is None:
+                self.k_cache[i : i + 1, :, start : start + seqlen] = k.transpose(1, 2).to(torch.float16)
+                self.v_cache[i : i + 1, :, start : start + seqlen] = v.transpose(1, 2).to(torch.float16)
                 keys, values = self.k_cache[i : i + 1].to(q.dtype), self.v_cache[i : i + 1].to(q.dtype)
             else:
-                keys = self.k_cache[i : i + 1, :, :read_end].to(q.dtype)
-                values = self.v_cache[i : i + 1, :, :read_end].to(q.dtype)
+                self.k_cache[i : i + 1, :, start:end] = k.transpose(1, 2).to(torch.float16)
+                self.v_cache[i : i + 1, :, start:end] = v.transpose(1, 2).to(torch.float16)
+                keys = self.k_cache[i : i + 1, :, :end].to(q.dtype)
+                values = self.v_cache[i : i + 1, :, :end].to(q.dtype)
             if group > 1:
                 keys = keys.repeat_interleave(group, dim=1)
                 values = values.repeat_interleave(group, dim=1)

@@ -55,12 +55,13 @@ class CoreMLRunnerLlama(StatefulLlama):
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         m = self.model
+        seqlen = tokens.shape[1]
         start = input_pos[0].item()
         torch._check_is_size(start)
-        torch._check(start + tokens.shape[1] <= m.max_context)
+        torch._check(start + seqlen <= m.max_context)
         cos, sin = m.rope_cos[input_pos], m.rope_sin[input_pos]
         mask = self.mask_rows[input_pos][None, None]
-        return self.layers_forward(tokens, cos, sin, mask, start, None)
+        return self.layers_forward(tokens, seqlen, cos, sin, mask, start, None)
 
 
 def scheme_name(scheme: QuantScheme | None) -> str:

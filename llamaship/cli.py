@@ -225,20 +225,43 @@ def _verified(bundle: Path, hashes: bool = True) -> None:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from llamaship.export.llama.load import load_spec
+    from llamaship.export.llama.presets import PRESETS
     from llamaship.pipeline import default_model
     from llamaship.quantize.scheme import QuantScheme
     from llamaship.targets.fit import predict_fit
+    from llamaship.targets.fit_report import matrix_table, plot_matrix
     from llamaship.targets.profile import BUILTIN, load_profile
 
-    spec = load_spec(args.model or default_model())
-    scheme = None if args.quant == "fp32" else QuantScheme(
-        bits=4 if args.quant == "8da4w" else 8, group_size=args.group_size)
-    fits = []
-    for name in args.profile or list(BUILTIN):
-        fit = predict_fit(spec, scheme, load_profile(name), context=args.context)
-        fits.append(fit)
-        print(json.dumps(fit.to_json()) if args.json else fit.summary())
-    return 0 if all(f.fits for f in fits) else 3
+    if args.list:
+        for p in PRESETS.values():
+            spec = p.spec()
+            print(f"{p.key:14s} {p.title:14s} {spec.param_count() / 1e9:5.2f}B params, {spec.n_layers} layers, "
+                  f"context {spec.max_context}; also: {', '.join(p.hub_ids)}")
+        return 0
+    models = list(PRESETS) if args.all else (args.model or [str(default_model())])
+    profiles = [load_profile(name) for name in (args.profile or list(BUILTIN))]
+    if args.all:
+        schemes: list[QuantScheme | None] = [QuantScheme(group_size=g, lm_head_bits=h)
+                                             for g in (32, 128) for h in (8, 4)]
+    else:
+        schemes = [None if args.quant == "fp32" else QuantScheme(bits=4 if args.quant == "8da4w" else 8,
+                                                                  group_size=args.group_size,
+                                                                  lm_head_bits=args.lm_head_bits)]
+    fits = [predict_fit(spec, scheme, profile, context=args.context)
+            for spec in (load_spec(m) for m in models) for profile in profiles for scheme in schemes]
+    if args.json:
+        for f in fits:
+            print(json.dumps(f.to_json()))
+    elif len(fits) == 1:
+        f = fits[0]
+        print(f.summary())
+        print("predicted file size: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in f.sizes_bytes.items()))
+    else:
+        print(matrix_table(fits))
+    if args.plot:
+        plot_matrix(fits, Path(args.plot))
+        print(f"plot: {args.plot}", file=sys.stderr)
+    return 0 if args.all or all(f.fits for f in fits) else 3
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -300,12 +323,28 @@ def cmd_profile(args: argparse.Namespace) -> int:
                                 push=not args.no_push, progress=progress)
     out = Path(args.out or f"profile-{args.device}")
     out.mkdir(parents=True, exist_ok=True)
+    fit = _predicted_for(Path(args.bundle), args.profile)
+    report["prediction"] = {"profile": args.profile, **fit.to_json()}
     write_report(report, out)
     sp = report["artifacts"][0]["speed"]
     print(f"{report['device']['model']}: prefill {sp['prefill_tok_s']['median']:.1f} tok/s, decode "
-          f"{sp['decode_tok_s']['median']:.1f} tok/s, TTFT {sp['ttft_ms']['median']:.0f} ms "
+          f"{sp['decode_tok_s']['median']:.1f} tok/s measured vs a {fit.decode_ceiling_tok_s:.1f} tok/s roofline "
+          f"ceiling predicted for the {args.profile} profile, TTFT {sp['ttft_ms']['median']:.0f} ms "
           f"(median of {sp['runs']}); report: {out / 'report.md'}")
     return 0
+
+
+def _predicted_for(bundle: Path, profile: str) -> Any:
+    """`llamaship fit`'s prediction for the bundle's model and scheme on `profile`."""
+    from llamaship.bundle import read_manifest
+    from llamaship.export.llama.spec import ModelSpec
+    from llamaship.targets.fit import predict_fit
+    from llamaship.targets.profile import load_profile
+    from llamaship.targets.validate import scheme_from_manifest
+
+    manifest = read_manifest(bundle)
+    spec = ModelSpec.from_json(manifest["model"]["spec"])
+    return predict_fit(spec, scheme_from_manifest(manifest.get("quant", {})), load_profile(profile))
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -474,20 +513,32 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--adb", default="adb", help="adb executable (default: adb on PATH)")
     prof.add_argument("--no-push", action="store_true", help="files are already on the device")
     prof.add_argument("--out", help="report folder (default profile-SERIAL)")
+    prof.add_argument("--profile", default="qualcomm",
+                      help="target profile whose roofline prediction is shown next to the measurement "
+                      "(default qualcomm)")
     prof.set_defaults(func=cmd_profile)
 
-    fit = sub.add_parser("fit", help="predict RAM use and the decode speed ceiling per target",
-                         description="Weights + KV cache vs each profile's RAM budget, and the "
-                         "bandwidth roofline (bytes read per token / memory bandwidth). Reads only "
-                         "the config: works on config.json / params.json alone. Exit 3 if it does not fit.")
-    fit.add_argument("--model", help="checkpoint folder, config.json, params.json or .gguf "
-                     "(default: the embedded SmolLM2)")
-    fit.add_argument("--profile", action="append", help="profile name or .toml (default: all built-in)")
+    fit = sub.add_parser("fit", help="predict RAM use, decode speed ceiling and file sizes per target",
+                         description="Weights + KV cache vs each profile's RAM budget, the bandwidth roofline "
+                         "(bytes read per token / memory bandwidth) and each format's file size. Reads only the "
+                         "config: works on config.json / params.json alone, or on a named preset before any "
+                         "download. One model and profile: a summary line; several, or --all: the matrix. Exit 3 "
+                         "if a requested combination does not fit (never with --all, which is a report).")
+    fit.add_argument("--model", action="append",
+                     help="preset name (see --list) or a Hub id of one, checkpoint folder, config.json, params.json, "
+                     ".gguf, or another Hub id (its config.json alone is fetched when the network allows); "
+                     "repeatable; default: the embedded SmolLM2")
+    fit.add_argument("--profile", action="append", help="profile name or .toml; repeatable (default: all built-in)")
+    fit.add_argument("--all", action="store_true",
+                     help="every preset x the profiles x group 32/128 x lm_head 8/4 bits")
+    fit.add_argument("--list", action="store_true", help="list the named presets and exit")
     fit.add_argument("--context", type=_int_in(1, 1 << 22), default=None,
                      help="KV cache length (default: the profile's)")
     fit.add_argument("--quant", choices=["8da4w", "8da8w", "fp32"], default="8da4w", help="weight scheme")
     fit.add_argument("--group-size", type=int, default=QuantScheme.group_size, choices=GROUP_SIZES, help="group size")
-    fit.add_argument("--json", action="store_true", help="one JSON object per profile")
+    fit.add_argument("--lm-head-bits", type=int, default=8, choices=[0, 4, 8], help="lm_head bits (default 8)")
+    fit.add_argument("--json", action="store_true", help="one JSON object per line, per fit (JSON Lines)")
+    fit.add_argument("--plot", metavar="FILE.png", help="also draw the decode ceilings, coloured by fit")
     fit.set_defaults(func=cmd_fit)
     return parser
 
@@ -515,14 +566,14 @@ def main(argv: list[str] | None = None) -> int:
         # Staging folders are already removed (bundle.staging_dir / updating). Leave now with
         # 128 + signal: a CI run once saw the process die of SIGINT (-2) during interpreter shutdown
         # after this message, from native code's own signal handling, which scripts would read as a crash.
-        signum = int(_INTERRUPTED or signal.SIGINT)
+        stopped_by = int(_INTERRUPTED or signal.SIGINT)
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_IGN)
-        what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+        what = "terminated (SIGTERM)" if stopped_by == signal.SIGTERM else "interrupted"
         print(f"{what}; nothing was written", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(128 + int(signum))
+        os._exit(128 + stopped_by)
     except Exception as exc:
         if args.debug or os.environ.get("LLAMASHIP_DEBUG"):
             raise

@@ -36,13 +36,19 @@ def check_output_folder(out: Path) -> Path:
     return parent
 
 
-def expected_bytes(spec: ModelSpec, scheme: QuantScheme | None, formats: Iterable[str], weight_bytes: float) -> int:
+def expected_bytes(spec: ModelSpec, scheme: QuantScheme | None, formats: Iterable[str],
+                   weight_bytes: float = 0.0) -> int:
     """What the export writes, at most, for these formats (an estimate with a margin): each
-    backend's bytes per byte of weights, plus an fp32 graph where the export writes one first."""
+    format's predicted file size (`targets.fit.predict_sizes`, the numbers `llamaship fit` prints),
+    plus an fp32 graph where the export writes one first. A format without a size model counts
+    `disk_factor` times `weight_bytes`."""
+    from llamaship.targets.fit import predict_sizes
+
+    predicted = predict_sizes(spec, scheme)
     total = 0.0
     for fmt in formats:
         backend = backends.get(fmt)
-        total += backend.disk_factor * weight_bytes
+        total += predicted.get(fmt, backend.disk_factor * weight_bytes)
         if backend.fp32_graph_on_disk:
             total += 4.0 * spec.param_count()
     return int(MARGIN * total) + SLACK_BYTES

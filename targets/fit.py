@@ -9,26 +9,15 @@ row, the 4-bit embedding with an fp32 scale per group, an fp32 KV cache.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from llamaship.export.llama.spec import ModelSpec
 from llamaship.quantize.scheme import QuantScheme
+from llamaship.quantize.storage import XNNPACK, Storage
 from llamaship.targets.profile import Profile
 
 GB = 1e9
-
-
-def linear_bpw(bits: int, group_size: int, in_features: int) -> float:
-    if bits == 0:
-        return 32.0
-    if bits == 4:
-        return 4 + 16 / group_size  # bf16 scale per group
-    return 8 + 32 / in_features  # per-channel fp32 scale
-
-
-def embedding_bpw(bits: int, group_size: int) -> float:
-    return 32.0 if bits == 0 else bits + 32 / group_size
 
 
 @dataclass(frozen=True)
@@ -46,6 +35,7 @@ class Fit:
     bandwidth_gbs: float
     decode_ceiling_tok_s: float
     bits_per_weight: float
+    sizes_bytes: dict[str, float] = field(default_factory=dict)  # predicted file size per format
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,8 +52,8 @@ class Fit:
         )
 
 
-def predict_fit(spec: ModelSpec, scheme: QuantScheme | None, profile: Profile, context: int | None = None) -> Fit:
-    context = context or profile.max_context
+def weight_parts(spec: ModelSpec, scheme: QuantScheme | None, storage: Storage = XNNPACK) -> dict[str, float]:
+    """Bytes of the linear layers, lm_head, embedding and norms as `storage` keeps them."""
     q_dim = spec.n_heads * spec.head_dim
     kv_dim = spec.n_kv_heads * spec.head_dim
     per_layer = {  # in_features -> params
@@ -72,16 +62,33 @@ def predict_fit(spec: ModelSpec, scheme: QuantScheme | None, profile: Profile, c
         "hidden": spec.hidden_dim * spec.dim,
     }
     in_widths = {"dim": spec.dim, "q": q_dim, "hidden": spec.hidden_dim}
-    emb_params = head_params = spec.vocab_size * spec.dim
+    vocab_params = spec.vocab_size * spec.dim
     bits = scheme.bits if scheme else 0
     gs = scheme.group_size if scheme else 32
-    linear_bytes = spec.n_layers * sum(
-        n * linear_bpw(bits, gs, in_widths[k]) / 8 for k, n in per_layer.items()
-    )
-    head_bytes = head_params * linear_bpw(scheme.lm_head_bits if scheme else 0, gs, spec.dim) / 8
-    emb_bytes = emb_params * embedding_bpw(scheme.embedding_bits if scheme else 0, gs) / 8
-    norms = (2 * spec.n_layers + 1) * spec.dim * 4
-    weight_bytes = linear_bytes + head_bytes + emb_bytes + norms
+    return {
+        "linear": spec.n_layers * sum(n * storage.linear_bpw(bits, gs, in_widths[k]) / 8 for k, n in per_layer.items()),
+        "lm_head": vocab_params * storage.linear_bpw(scheme.lm_head_bits if scheme else 0, gs, spec.dim) / 8,
+        "embedding": vocab_params * storage.embedding_bpw(scheme.embedding_bits if scheme else 0, gs) / 8,
+        "norms": (2 * spec.n_layers + 1) * spec.dim * 4,
+    }
+
+
+def predict_sizes(spec: ModelSpec, scheme: QuantScheme | None) -> dict[str, float]:
+    """Predicted artifact bytes per format, from each backend's storage model (one function for the
+    fit command, the export's disk check and the report)."""
+    from llamaship import backends
+
+    return {b.name: sum(weight_parts(spec, scheme, b.storage).values())
+            for b in backends.REGISTRY.values() if b.storage is not None}
+
+
+def predict_fit(spec: ModelSpec, scheme: QuantScheme | None, profile: Profile, context: int | None = None) -> Fit:
+    context = context or profile.max_context
+    kv_dim = spec.n_kv_heads * spec.head_dim
+    parts = weight_parts(spec, scheme)
+    linear_bytes, head_bytes, norms = parts["linear"], parts["lm_head"], parts["norms"]
+    head_params = spec.vocab_size * spec.dim
+    weight_bytes = sum(parts.values())
     kv_bytes = 2 * spec.n_layers * context * kv_dim * 4
     total = weight_bytes + kv_bytes
     # per token: every linear + lm_head once, one embedding row, and on average half the cache
@@ -101,4 +108,5 @@ def predict_fit(spec: ModelSpec, scheme: QuantScheme | None, profile: Profile, c
         bandwidth_gbs=profile.bandwidth_gbs,
         decode_ceiling_tok_s=profile.bandwidth_gbs * GB / per_token,
         bits_per_weight=8 * weight_bytes / params,
+        sizes_bytes=predict_sizes(spec, scheme),
     )

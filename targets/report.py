@@ -7,6 +7,11 @@ from pathlib import Path
 from typing import Any
 
 
+def _predicted(a: dict[str, Any]) -> str:
+    p = a.get("predicted_size_bytes")
+    return f" ({p / 1e6:.1f})" if p else ""
+
+
 def _fmt(v: Any, digits: int = 3) -> str:
     return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
@@ -18,7 +23,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [f"# {title}", "",
              f"Evaluation slice: {report['slice'] or 'none (speed only)'}.", "",
              "## Accuracy (on each artifact's own runtime) and speed", "",
-             "| artifact | scheme | size MB | PPL | PPL ratio | mean KLD | top-1 | RMS Δp | "
+             "| artifact | scheme | size MB (`fit` predicted) | PPL | PPL ratio | mean KLD | top-1 | RMS Δp | "
              "prefill tok/s | decode tok/s | TTFT ms | load ms | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
              ]
@@ -32,7 +37,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             return _fmt(sp[k]["median"], 1) if k in sp else "-"
 
         lines.append(
-            f"| {a['path']} ({a['format']}) | {a['scheme']} | {a['size_bytes'] / 1e6:.1f} | "
+            f"| {a['path']} ({a['format']}) | {a['scheme']} | {a['size_bytes'] / 1e6:.1f}{_predicted(a)} | "
             f"{_fmt(acc.get('ppl'))} | {_fmt(acc.get('ppl_ratio'))} | {_fmt(acc.get('mean_kld'), 4)} | "
             f"{_fmt(acc.get('top1_agreement'))} | {_fmt(acc.get('rms_dp'), 4)} | {med('prefill_tok_s')} | "
             f"{med('decode_tok_s')} | {med('ttft_ms')} | {med('load_ms')} | "
@@ -54,6 +59,11 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{sp['runs']} runs, median (min-max in report.json).")
     if device:
         lines += ["", "## Device", ""] + [f"- {k}: {v}" for k, v in device.items()]
+    prediction = report.get("prediction")
+    if prediction:
+        lines += ["", f"Predicted for the {prediction['profile']} profile (`llamaship fit`, a roofline, not a "
+                  f"measurement): decode ceiling {prediction['decode_ceiling_tok_s']:.1f} tok/s, weights "
+                  f"{prediction['weight_bytes'] / 1e9:.2f} GB + KV cache {prediction['kv_cache_bytes'] / 1e9:.2f} GB."]
     lines += ["", "## Targets", ""]
     for t in report["targets"]:
         fit = t["fit"]

@@ -15,7 +15,7 @@ from llamaship.export.llama.checkpoint import Checkpoint
 from llamaship.export.llama.model import build_model
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.targets import accuracy
-from llamaship.targets.fit import predict_fit
+from llamaship.targets.fit import predict_fit, predict_sizes
 from llamaship.targets.profile import Profile
 
 REPORT_SCHEMA = 1
@@ -132,6 +132,7 @@ def validate(
     ref_ppl = accuracy.evaluate_reference_self(eval_slice, reference)
 
     results: list[dict[str, Any]] = []
+    predicted_sizes = predict_sizes(spec, scheme)  # what `llamaship fit` says, beside what was written
     for art in artifacts:
         acc = (accuracies or {}).get(art["path"]) or artifact_accuracy(
             ckpt, folder, manifest, art, profiles, eval_slice, reference, progress)
@@ -148,7 +149,8 @@ def validate(
             speed = backend.speed(folder, art, manifest, ckpt, list(eval_slice.tokens[:n_prompt]), n_gen)
         results.append({"format": art["format"], "path": art["path"],
                         "scheme": art.get("scheme", scheme.name if scheme else "fp32"),
-                        "size_bytes": artifact_bytes(folder, art), "accuracy": acc, "speed": speed})
+                        "size_bytes": artifact_bytes(folder, art),
+                        "predicted_size_bytes": predicted_sizes.get(art["format"]), "accuracy": acc, "speed": speed})
 
     targets = []
     for profile in profiles:

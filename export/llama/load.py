@@ -91,7 +91,16 @@ def load_checkpoint(
 
 def load_spec(model: str | Path) -> ModelSpec:
     """The ModelSpec alone, without reading weights: enough for `llamaship fit` on a 70 GB
-    checkpoint, or on just its config.json / params.json."""
+    checkpoint, or on just its config.json / params.json; or a named preset ("llama3-8b", or a Hub
+    id of a preset's repository), or another Hub id's config.json alone."""
+    if not Path(model).expanduser().exists():
+        from llamaship.export.llama.presets import find_preset, hub_config_spec
+
+        preset = find_preset(str(model))
+        if preset is not None:
+            return preset.spec()
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)):
+            return hub_config_spec(str(model))
     path = resolve_model(model)
     if path.is_file() and path.name == "config.json":
         from llamaship.export.llama.load_hf import spec_from_config

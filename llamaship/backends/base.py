@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from llamaship.quantize.scheme import QuantScheme
+from llamaship.quantize.storage import Storage
 
 Progress = Callable[[str], None]
 
@@ -107,6 +108,7 @@ class Backend:
     scored_while_lowering: ClassVar[bool] = True  # may be scored while another artifact lowers
     cpu_reference: ClassVar[bool] = False  # the artifact NPU graphs are compared with
     can_export_in_background: ClassVar[bool] = False
+    storage: ClassVar[Storage | None] = None  # how it stores quantized weights: its predicted file size
     packages: ClassVar[tuple[str, ...]] = ()  # the pip packages whose versions the manifest records
 
     @classmethod

@@ -10,6 +10,7 @@ from typing import Any
 from llamaship.backends.base import Backend, Exported, ExportJob, Generated, Module, NotRunnableHere, Request, greedy
 from llamaship.errors import RuntimeFailure, UnsupportedError
 from llamaship.quantize.scheme import QuantScheme
+from llamaship.quantize.storage import COREML
 
 PACKAGE = "model.mlpackage"
 NO_APPLE_HARDWARE = "not measured (no Apple hardware here); the Apple profile reports the bandwidth roofline"
@@ -53,6 +54,7 @@ class CoreML(CoreMLBase):
     name = "coreml"
     help = ("stateful .mlpackage, iOS 18 / macOS 15, int4 per-block weights with a zero point, fp16 compute; "
             "validated on Linux by the MIL reference evaluator")
+    storage = COREML
     runtime = "Core ML on macOS, else the MIL reference evaluator (NumPy)"
 
     def export(self, job: ExportJob) -> Exported:

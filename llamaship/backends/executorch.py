@@ -9,6 +9,7 @@ from typing import Any
 from llamaship.backends.base import Backend, Exported, ExportJob, Generated, Module, Request
 from llamaship.errors import UnsupportedError
 from llamaship.quantize.scheme import QuantScheme
+from llamaship.quantize.storage import XNNPACK
 
 PTE = "model.pte"
 
@@ -17,6 +18,7 @@ class ExecuTorch(Backend):
     name = "executorch"
     help = ".pte for ExecuTorch's XNNPACK backend, run here by ExecuTorch's C++ LLM runner"
     packages = ("executorch",)
+    storage = XNNPACK
     runtime = "ExecuTorch's runtime"
     cpu_reference = True
     can_export_in_background = True

@@ -3,8 +3,11 @@ state, driven like the XNNPACK .pte. Validated here through its extracted progra
 
 from __future__ import annotations
 
+import dataclasses
+
 from llamaship.backends.base import Exported, ExportJob
 from llamaship.backends.coreml import CoreMLBase, state_entry
+from llamaship.quantize.storage import COREML
 
 PTE = "model_coreml.pte"
 
@@ -14,6 +17,7 @@ class ExecuTorchCoreML(CoreMLBase):
     help = ("model_coreml.pte: the ExecuTorch Core ML delegate, one Core ML program with the KV cache as "
             "state, driven like the XNNPACK .pte; int4 weight-only groups, fp16; needs an ExecuTorch build "
             "with Core ML state support; validated through its extracted program")
+    storage = dataclasses.replace(COREML, measured=False)  # torchao's int4 groups, as the .mlpackage stores them
     runtime = ("its Core ML program (extracted from the .pte) on Core ML on macOS, else the MIL reference "
                "evaluator (NumPy)")
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from llamaship.backends.base import Backend, Exported, ExportJob, Generated, Module, Request
 from llamaship.quantize.scheme import QuantScheme
+from llamaship.quantize.storage import MATMULNBITS
 
 FOLDER = "onnx"
 ACCURACY_LEVEL_HELP = {4: "int8 (default, fastest on CPU)", 3: "bf16", 2: "fp16",
@@ -21,6 +22,7 @@ class Onnx(Backend):
     help = ("onnxruntime-genai folder: model.onnx + external data + genai_config.json, run here by "
             "onnxruntime and onnxruntime-genai")
     packages = ("onnx", "onnxruntime", "onnxruntime-genai")
+    storage = MATMULNBITS
     runtime = "onnxruntime (CPU EP)"
     disk_factor = 1.4  # fp32 scales and zero points
 

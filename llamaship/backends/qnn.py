@@ -11,6 +11,7 @@ from typing import Any
 from llamaship.backends.base import Backend, Exported, ExportJob, Generated, Module, Request, greedy
 from llamaship.errors import UnsupportedError
 from llamaship.quantize.scheme import QuantScheme
+from llamaship.quantize.storage import LPBQ
 
 FOLDER = "qnn"
 SMOKE_TOKENS = 4  # each token is one full prompt-chunk call on the HTP simulator (~35 s for SmolLM2)
@@ -34,6 +35,7 @@ class Qnn(Backend):
     help = ("Snapdragon NPU: qnn/model_ctx.onnx + its QNN context binary for the profile's soc_model, w4a16: "
             "4-bit LPBQ weights, 16-bit activations calibrated on WikiText-2 validation text; validated on the "
             "QNN HTP simulator of onnxruntime-qnn, Linux x86_64 only")
+    storage = LPBQ
     runtime = "onnxruntime-qnn on the QNN HTP backend (its x86_64 simulator here)"
     disk_factor = 1.2
     fp32_graph_on_disk = True
