@@ -84,18 +84,24 @@ def sweep_stale(parent: Path, kind: str) -> list[Path]:
     """Remove `.{kind}-{pid}-*` folders in `parent` whose process is gone; returns them."""
     removed = []
     for path in parent.glob(f".{kind}-*-*"):
-        pid = path.name[len(kind) + 2 :].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # still running: another export's work
-        except ProcessLookupError:
+        if process_gone(path.name[len(kind) + 2 :].split("-", 1)[0]):  # else another export's work
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
-        except PermissionError:
-            continue
     return removed
+
+
+def process_gone(pid: str) -> bool:
+    """True when `pid` (text from a temp file's name) names no running process and is not ours;
+    what makes a temp file stale."""
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # someone else's, alive
+        return False
+    return False
 
 
 def check_replaceable(out: Path, force: bool, keep: Path | None = None) -> None:
@@ -278,9 +284,9 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
         _safe_relpath(name)
         if not isinstance(entry, dict):
             raise BundleError(f"{path}: malformed entry for {name!r}")
-    for key in ("artifacts",):
-        if not isinstance(manifest.get(key, []), list) or not all(isinstance(a, dict) for a in manifest.get(key, [])):
-            raise BundleError(f"{path}: malformed manifest ('{key}' must be a list of objects)")
+    artifacts = manifest.get("artifacts", [])
+    if not isinstance(artifacts, list) or not all(isinstance(a, dict) for a in artifacts):
+        raise BundleError(f"{path}: malformed manifest ('artifacts' must be a list of objects)")
     if not isinstance(manifest.get("tokenizer", {}), dict):
         raise BundleError(f"{path}: malformed manifest ('tokenizer' must be an object)")
     return manifest

@@ -50,31 +50,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(USAGE_EXIT, f"{self.prog}: error: {message}\n")
 
 
-def _int_in(lo: int, hi: int) -> Callable[[str], int]:
-    """An argparse type: an integer in [lo, hi], so that -1 or 0 cannot mean 'the whole corpus'."""
-    def parse(text: str) -> int:
+def _number_in(kind: type, lo: float, hi: float) -> Callable[[str], Any]:
+    """An argparse type: an int or float in [lo, hi], so that -1 or 0 cannot mean 'the whole
+    corpus' and NaN is refused."""
+    def parse(text: str) -> Any:
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"{value} is out of range: use {lo}..{hi}")
-        return value
-    parse.__name__ = "integer"
-    return parse
-
-
-def _float_in(lo: float, hi: float) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if not lo <= value <= hi:  # NaN fails this too
             raise argparse.ArgumentTypeError(f"{text} is out of range: use {lo}..{hi}")
         return value
-    parse.__name__ = "number"
+    parse.__name__ = "integer" if kind is int else "number"
     return parse
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    return _number_in(int, lo, hi)
+
+
+def _float_in(lo: float, hi: float) -> Callable[[str], float]:
+    return _number_in(float, lo, hi)
 
 
 def _text(text: str) -> str:
@@ -370,10 +366,7 @@ def _profile_formats() -> str:
 
 def backend_options(args: argparse.Namespace) -> dict[str, Any]:
     """The values of the flags backends added (their dests), for ExportJob.options."""
-    probe = _Parser(add_help=False)
-    for backend in backends.REGISTRY.values():
-        backend.add_options(probe)
-    return {a.dest: getattr(args, a.dest) for a in probe._actions if hasattr(args, a.dest)}
+    return {dest: getattr(args, dest) for dest in args.backend_options}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -424,8 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--lm-head-bits", type=int, default=8, choices=[0, 4, 8],
                     help="output projection weights: 8 (default: it is the most error-sensitive "
                     "matrix), 4 (smaller, faster, less accurate) or 0 (fp32)")
+    common = {a.dest for a in ex._actions}
     for backend in backends.REGISTRY.values():
         backend.add_options(ex)
+    ex.set_defaults(backend_options=[a.dest for a in ex._actions if a.dest not in common])
     ex.add_argument("--max-context", type=_int_in(16, 1 << 20), default=2048,
                     help="KV cache length = longest prompt + generation (default 2048, capped at "
                     "the model's own)")

@@ -103,16 +103,11 @@ def usable_cache(progress: Callable[[str], None]) -> Path | None:
 def sweep_stale_tmp(folder: Path) -> None:
     """Remove `*.tmp<pid>.npy` files whose process is gone (a validation killed with SIGKILL runs
     no cleanup and once left 1.8 GB behind)."""
+    from llamaship.bundle import process_gone
+
     for path in folder.glob("*.tmp*.npy"):
-        pid = path.name.rsplit(".tmp", 1)[-1].removesuffix(".npy")
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if process_gone(path.name.rsplit(".tmp", 1)[-1].removesuffix(".npy")):
             path.unlink(missing_ok=True)
-        except PermissionError:
-            continue
 
 
 def _load_cached(path: Path, shape: tuple[int, ...], progress: Callable[[str], None]) -> np.ndarray | None:

@@ -9,8 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -207,23 +205,12 @@ def test_output_under_a_file_is_refused(gguf_path, tmp_path, capsys):
 
 def test_sigint_mid_export_leaves_nothing(gguf_path, tmp_path):
     """Ctrl-C while the exporter is lowering: exit 130, no bundle, no staging folder."""
+    from tests.signals import signal_mid_export
+
     outdir = tmp_path / "out"
     outdir.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llamaship.cli", "export", "--model", str(gguf_path), "--out",
-         str(outdir / "bundle"), "--no-validate", "--max-context", "128"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        # a test run started in the background (nohup, `&`) ignores SIGINT, and exec inherits that
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline and not any(".partial-" in p.name for p in outdir.iterdir()):
-        time.sleep(0.2)
-    assert any(".partial-" in p.name for p in outdir.iterdir()), "export never started staging"
-    time.sleep(2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    code, err = signal_mid_export(gguf_path, outdir, signal.SIGINT)
+    assert code == 130, err[-2000:]
     assert "interrupted; nothing was written" in err
     assert leftovers(outdir) == []
 

@@ -317,12 +317,16 @@ def _duplicate_name(header: dict) -> str:
     return body + f', "{name}": {json.dumps(entry)}' + "}"
 
 
-def _edit_config(**changes: object) -> Callable[[Path], None]:
+def _edit_json(name: str, **changes: object) -> Callable[[Path], None]:
     def mutate(folder: Path) -> None:
-        cfg = json.loads((folder / "config.json").read_text())
-        cfg.update(changes)
-        (folder / "config.json").write_text(json.dumps(cfg))
+        data = json.loads((folder / name).read_text())
+        data.update(changes)
+        (folder / name).write_text(json.dumps(data))
     return mutate
+
+
+def _edit_config(**changes: object) -> Callable[[Path], None]:
+    return _edit_json("config.json", **changes)
 
 
 def _raw_config(text: str | bytes) -> Callable[[Path], None]:
@@ -347,11 +351,7 @@ def _config_huge(folder: Path) -> None:
 
 
 def _edit_params(**changes: object) -> Callable[[Path], None]:
-    def mutate(folder: Path) -> None:
-        params = json.loads((folder / "params.json").read_text())
-        params.update(changes)
-        (folder / "params.json").write_text(json.dumps(params))
-    return mutate
+    return _edit_json("params.json", **changes)
 
 
 def _tokenizer_config(data: bytes) -> Callable[[Path], None]:
@@ -559,21 +559,11 @@ def test_internal_error_has_no_traceback_without_debug(gguf_path, tmp_path, monk
 def test_sigterm_mid_export_leaves_nothing(gguf_path, tmp_path):
     """SIGTERM (a CI timeout, `kill`, a container stop) behaves like Ctrl-C: message, exit 143,
     no bundle and no hidden staging folder."""
+    from tests.signals import signal_mid_export
+
     outdir = tmp_path / "out"
     outdir.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llamaship.cli", "export", "--model", str(gguf_path), "--out",
-         str(outdir / "bundle"), "--no-validate", "--max-context", "128"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL),
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline and not any(".partial-" in p.name for p in outdir.iterdir()):
-        time.sleep(0.2)
-    assert any(".partial-" in p.name for p in outdir.iterdir()), "export never started staging"
-    time.sleep(2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
+    code, err = signal_mid_export(gguf_path, outdir, signal.SIGTERM)
+    assert code == 143, err[-2000:]
     assert "terminated (SIGTERM); nothing was written" in err
     assert list(outdir.iterdir()) == []
