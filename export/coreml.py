@@ -9,28 +9,22 @@ new keys/values are written into the `k_cache` / `v_cache` states [n_layers, n_k
 head_dim]. One program serves prefill (T up to max_seq_len) and decode (T = 1) through flexible
 shapes. It shares the weights of the module every other format is exported from.
 
-4-bit: coremltools' `linear_quantize_weights` (int4, per_block along the input axis, block size from
-the shared `QuantScheme`), which stores each weight as `constexpr_blockwise_shift_scale`; the saved
-program is read back to check that every linear weight got exactly the requested block. Always
-asymmetric (a scale and an int4 offset per block, +0.125 bits per weight): coremltools' symmetric
-mode uses only 15 of the 16 levels ([-7, 7]); on SmolLM2 (1024-token WikiText-2 slice) it gave KLD
-0.309 and answered "The capital of France is" with " located in the heart of...", asymmetric KLD
-0.237 and " Paris." (SmolLM2's weights were Q4_1, itself asymmetric: its margin is flattering).
-
-From 1B parameters on (`STREAMED_PARAMS`), that route does not fit a 24 GB machine: the traced fp32
-program alone is 4 bytes per parameter and `linear_quantize_weights` held ~5 bytes per parameter
-more (7.5 GiB for a 1.5B-parameter slice of Llama 3 8B). There the weights are quantized block by
-block as they are loaded, with torchao (asymmetric int4 groups, as the ExecuTorch Core ML delegate
-stores them), their values moved to memory-mapped files, and the module goes through torch.export
-into coremltools, which maps torchao's int4 groups straight to `constexpr_blockwise_shift_scale`:
-no float copy of the model exists at any point. Same inputs, states and output as the small route.
+4-bit: the quantize stage's codes (llamaship.quantize), packed as torchao int4 group tensors
+(weight-only) block by block as the model is loaded, their values moved to memory-mapped files; the
+module goes through torch.export into coremltools, which maps torchao's groups straight to
+`constexpr_blockwise_shift_scale` (int4 data, an fp16 scale per block, and an int4 offset when the
+scheme is asymmetric). So the .mlpackage holds exactly the codes the .pte and ONNX hold, and no
+float copy of the model exists at any point (the same route fits 7B/8B in 24 GB). Before the
+stage existed, small models went through coremltools' `linear_quantize_weights` on the float
+program instead; that rounded on its own and held ~9 bytes per parameter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +33,12 @@ import torch
 
 from llamaship.bundle import work_dir
 from llamaship.errors import ExportError, UnsupportedError
-from llamaship.export.coreml_common import MASK_MIN, MIN_TARGET, StatefulLlama, weight_only
+from llamaship.export.coreml_common import MASK_MIN, MIN_TARGET, StatefulLlama
 from llamaship.export.llama.model import build_model
 from llamaship.export.llama.spec import ModelSpec
+from llamaship.quantize.checkpoint import QuantizedCheckpoint
 from llamaship.quantize.scheme import QuantScheme
-
-STREAMED_PARAMS = 1_000_000_000  # from here on: torchao block by block + torch.export (see above)
+from llamaship.quantize.stage import stage_output
 
 
 class CoreMLLlama(StatefulLlama):
@@ -96,22 +90,21 @@ def convert(
         raise ExportError(f"coremltools could not convert {spec.name}: {exc}") from exc
 
 
-def convert_streamed(
-    spec: ModelSpec, state: dict[str, torch.Tensor], scheme: QuantScheme, max_context: int,
+def convert_quantized(
+    spec: ModelSpec, state: Mapping[str, torch.Tensor], quantized: QuantizedCheckpoint, max_context: int,
     max_seq_len: int, work: Path, progress: Callable[[str], None] = print,
 ) -> Any:
-    """Quantize while loading (torchao weight-only int4 groups, values file-backed in `work`),
-    torch.export, convert: the memory-bounded route for 7B/8B (module docstring)."""
+    """Pack the codes while loading (torchao weight-only int4 groups, values file-backed in
+    `work`), torch.export, convert (module docstring)."""
     import coremltools as ct
     from torch.export import Dim
 
-    from llamaship.quantize.torchao_quant import group_quantizer
+    from llamaship.quantize.torchao_pack import codes_packer
 
-    scheme.check_fits(spec)
-    on_loaded = group_quantizer(weight_only(scheme), offload_dir=work)
-    model = CoreMLLlama(build_model(spec, state, max_context=max_context, impl="torch",
+    on_loaded = codes_packer(quantized, "none", offload_dir=work)
+    model = CoreMLLlama(build_model(spec, quantized.state(state), max_context=max_context, impl="torch",
                                     on_loaded=on_loaded)).eval()
-    progress("Core ML, streamed: tracing with torch.export")
+    progress("Core ML: tracing with torch.export")
     # torch.export specializes a mask as wide as the cache (it traces a different branch there);
     # the program's ops are the same for that width, so the range is widened after conversion
     seq = Dim("seq_len", min=1, max=min(max_seq_len, max_context - 1))
@@ -121,7 +114,7 @@ def convert_streamed(
         with torch.no_grad():
             ep = torch.export.export(model, example, dynamic_shapes=({1: seq}, {2: seq, 3: ctx}), strict=False)
             ep = ep.run_decompositions({})
-        progress("Core ML, streamed: converting with coremltools (fp16 compute, KV cache as state)")
+        progress("Core ML: converting with coremltools (fp16 compute, KV cache as state)")
         mlmodel = ct.convert(
             ep,
             inputs=[ct.TensorType(name="input_ids", dtype=np.int32),
@@ -132,7 +125,7 @@ def convert_streamed(
             skip_model_load=True,
         )
     except Exception as exc:
-        raise ExportError(f"coremltools could not convert {spec.name} (streamed route): {exc}") from exc
+        raise ExportError(f"coremltools could not convert {spec.name}: {exc}") from exc
     pb = mlmodel.get_spec()
     for inp in pb.description.input:
         if inp.name == "causal_mask":
@@ -140,105 +133,53 @@ def convert_streamed(
     return ct.models.MLModel(pb, weights_dir=mlmodel.weights_dir, skip_model_load=True)
 
 
-def quantize(mlmodel: Any, scheme: QuantScheme) -> tuple[Any, dict[str, Any]]:
-    """int4 per-block linear weights; embedding and lm_head per the scheme. Returns the quantized
-    model and what was decided for the embedding/lm_head.
-
-    coremltools merges identical constants, so a tied model's embedding and lm_head are one matrix
-    that both `gather` and the last `linear` read: it gets the lm_head's bits (the more
-    error-sensitive consumer) and is stored once."""
-    import coremltools.optimize as cto
-
-    if scheme.bits != 4:
-        raise UnsupportedError(f"Core ML export supports 4-bit linear weights, not {scheme.name}")
-    mode = "linear"  # always asymmetric: see the module docstring
-    def config(bits: int) -> Any:
-        if bits == 0:
-            return None
-        if bits == 4:
-            return cto.coreml.OpLinearQuantizerConfig(mode=mode, dtype="int4", granularity="per_block",
-                                                      block_size=scheme.group_size, weight_threshold=0)
-        return cto.coreml.OpLinearQuantizerConfig(mode=mode, dtype="int8", granularity="per_channel",
-                                                  weight_threshold=0)
-
-    embedding, head = _weight_const(mlmodel, "embedding"), _weight_const(mlmodel, "lm_head")
-    shared = embedding is not None and embedding == head
-    by_name: dict[str, Any] = {}
-    if embedding is not None and not shared:
-        by_name[embedding] = config(scheme.embedding_bits)
-    if head is not None:
-        by_name[head] = config(scheme.lm_head_bits)
-    cfg = cto.coreml.OptimizationConfig(op_type_configs={"linear": config(4)}, op_name_configs=by_name)
-    decided = {"embedding_bits": scheme.lm_head_bits if shared else scheme.embedding_bits,
-               "lm_head_bits": scheme.lm_head_bits, "embedding_shared_with_lm_head": shared}
-    return cto.coreml.linear_quantize_weights(mlmodel, cfg), decided
-
-
-def _weight_const(mlmodel: Any, which: str) -> str | None:
-    """Name of the const op holding the embedding table (gather's input) or lm_head (last linear)."""
-    ops = list(mlmodel._mil_program.functions["main"].operations)
-    if which == "embedding":
-        cands = [op.x for op in ops if op.op_type == "gather" and op.x.op is not None
-                 and op.x.op.op_type == "const" and op.x.rank == 2]
-    else:
-        linears = [op for op in ops if op.op_type == "linear"]
-        cands = [linears[-1].weight] if linears else []
-    return cands[0].op.name if cands and cands[0].op is not None else None
-
-
 def export_coreml(
-    spec: ModelSpec, state: dict[str, torch.Tensor], scheme: QuantScheme | None, out: Path,
+    spec: ModelSpec, state: Mapping[str, torch.Tensor], scheme: QuantScheme | None, out: Path,
     max_context: int, max_seq_len: int, progress: Callable[[str], None] = print,
-    streamed: bool | None = None,
+    quantized: QuantizedCheckpoint | None = None,
 ) -> dict[str, Any]:
     """Write `out` (.mlpackage). Returns timings and the quantization read back from the program.
-    `streamed` (default: from `STREAMED_PARAMS` parameters on) picks the memory-bounded route."""
+    `quantized` is the quantize stage's output; without it the stage runs here."""
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    if streamed is None:
-        streamed = scheme is not None and spec.param_count() >= STREAMED_PARAMS
-    if streamed and scheme is None:
-        raise UnsupportedError("the streamed Core ML route quantizes while loading: it needs a 4-bit scheme")
-    work = work_dir(out.parent, "llamaship-weights") if streamed else None
-    try:
-        if streamed and scheme is not None:
-            progress(f"Core ML, streamed: torchao int4 groups of {scheme.group_size} block by block "
+    with contextlib.ExitStack() as stack:
+        if scheme is not None:
+            if scheme.bits != 4:
+                raise UnsupportedError(f"Core ML export supports 4-bit linear weights, not {scheme.name}")
+            scheme.check_fits(spec)
+            quantized = stack.enter_context(stage_output(spec, state, scheme, quantized, out.parent, progress))
+            work = work_dir(out.parent, "llamaship-weights")
+            stack.callback(shutil.rmtree, work, True)
+            progress(f"Core ML: the {scheme.algorithm} codes as int4 groups of {scheme.group_size}, block by block "
                      f"(values memory-mapped from {work}), torch.export, coremltools")
-            mlmodel = convert_streamed(spec, state, scheme, max_context, max_seq_len, work, progress)
-            decided = {"embedding_bits": scheme.embedding_bits, "lm_head_bits": scheme.lm_head_bits,
-                       "embedding_shared_with_lm_head": False, "quantizer": "torchao (streamed)"}
-            timings["convert_s"] = time.perf_counter() - t
+            mlmodel = convert_quantized(spec, state, quantized, max_context, max_seq_len, work, progress)
         else:
             progress("converting to a Core ML ML program (coremltools, fp16 compute, KV cache as state)")
-            mlmodel = convert(spec, state, max_context, max_seq_len)
-            timings["convert_s"] = time.perf_counter() - t
-            if scheme is not None:
-                t = time.perf_counter()
-                progress(f"quantizing Core ML weights: int4 per_block {scheme.group_size}")
-                mlmodel, decided = quantize(mlmodel, scheme)
-                timings["quantize_s"] = time.perf_counter() - t
+            mlmodel = convert(spec, dict(state), max_context, max_seq_len)
+        timings["convert_s"] = time.perf_counter() - t
         t = time.perf_counter()
         mlmodel.save(str(out))
         timings["save_s"] = time.perf_counter() - t
-    finally:
-        if work is not None:
-            shutil.rmtree(work, ignore_errors=True)
     quant = describe_quantization(out)
     if scheme is not None:
-        quant |= decided
-    if scheme is not None:
-        blocks = [w for w in quant["weights"] if w["feeds"] == ["linear"]]
-        head8 = [w for w in blocks if w["dtype"] == "int8"]  # an untied lm_head, int8 per channel
-        bad: list[Any] = [w for w in blocks if w not in head8
-                          and (w["dtype"] != "int4" or w["block"] != scheme.group_size)]
-        if len(head8) > (scheme.lm_head_bits == 8):
-            bad += head8
-        n_linear = 7 * spec.n_layers + (scheme.lm_head_bits == 4)
-        if len(blocks) < 7 * spec.n_layers:
-            bad.append(f"{len(blocks)} quantized linear weights, expected at least {n_linear}")
-        if bad:
-            raise ExportError(f"{out}: {len(bad)} linear weights not int4 block {scheme.group_size}: {bad[:3]}")
+        quant |= {"embedding_bits": scheme.embedding_bits, "lm_head_bits": scheme.lm_head_bits,
+                  "embedding_shared_with_lm_head": False, "algorithm": scheme.algorithm}
+        check_blocks(out, quant, scheme, spec)
     return {"timings": timings, "quantization": quant}
+
+
+def check_blocks(out: Path, quant: dict[str, Any], scheme: QuantScheme, spec: ModelSpec) -> None:
+    """Every linear weight of the saved program is int4 with the scheme's block (an 8-bit
+    lm_head int8 per channel): read back, not assumed."""
+    blocks = [w for w in quant["weights"] if w["feeds"] == ["linear"]]
+    head8 = [w for w in blocks if w["dtype"] == "int8"]
+    bad: list[Any] = [w for w in blocks if w not in head8 and (w["dtype"] != "int4" or w["block"] != scheme.group_size)]
+    if len(head8) > (scheme.lm_head_bits == 8):
+        bad += head8
+    if len(blocks) < 7 * spec.n_layers:
+        bad.append(f"{len(blocks)} quantized linear weights, expected at least {7 * spec.n_layers}")
+    if bad:
+        raise ExportError(f"{out}: {len(bad)} linear weights not int4 block {scheme.group_size}: {bad[:3]}")
 
 
 def describe_quantization(package: Path) -> dict[str, Any]:

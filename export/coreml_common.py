@@ -35,8 +35,8 @@ def rms_norm_fp16_safe(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def weight_only(scheme: QuantScheme) -> QuantScheme:
     """The scheme as Core ML stores it: weight-only (Core ML computes in fp16; there is no dynamic
-    int8 activation path) and asymmetric (see export/coreml.py)."""
-    return dataclasses.replace(scheme, activations="none", symmetric=False)
+    int8 activation path), with the quantize stage's codes as they are."""
+    return dataclasses.replace(scheme, activations="none")
 
 
 class StatefulLlama(nn.Module):

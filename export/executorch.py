@@ -9,6 +9,7 @@ links generates from it with no extra configuration.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import shutil
 import time
@@ -23,6 +24,7 @@ from llamaship.bundle import work_dir
 from llamaship.errors import ExportError, UnsupportedError
 from llamaship.export.llama.model import Llama, build_model
 from llamaship.export.llama.spec import ModelSpec
+from llamaship.quantize.checkpoint import QuantizedCheckpoint
 from llamaship.quantize.scheme import QuantScheme
 
 OFFLOAD_PARAMS = 1_000_000_000
@@ -58,6 +60,7 @@ def export_pte(
     full_logits: bool = False,
     progress: Callable[[str], None] = print,
     offload: bool | None = None,
+    quantized: QuantizedCheckpoint | None = None,
 ) -> dict[str, float]:
     """Write the .pte to `out_path`; returns timings per stage (seconds).
 
@@ -65,7 +68,8 @@ def export_pte(
     `max_context` sizes the KV cache. `scheme=None` exports fp32 (the fidelity baseline).
     `offload` (default: for models of 1B parameters or more) keeps the quantized values in
     memory-mapped files beside `out_path` until the program is written (see
-    `quantize.torchao_quant.offload_qdata`); they are deleted afterwards."""
+    `quantize.torchao_pack.offload_qdata`); they are deleted afterwards. `quantized` is the
+    quantize stage's output; without it the stage runs here (uncalibrated algorithms only)."""
     if scheme is not None and not scheme.symmetric:
         raise UnsupportedError(
             "asymmetric 4-bit weights are not supported for ExecuTorch/XNNPACK: the lowered program "
@@ -81,15 +85,19 @@ def export_pte(
         offload = spec.param_count() >= OFFLOAD_PARAMS
     offload_dir = work_dir(out_path.parent, "llamaship-weights") if offload else None
     try:
-        if scheme is not None:
-            from llamaship.quantize.torchao_quant import group_quantizer
+        with contextlib.ExitStack() as stack:
+            if scheme is not None:
+                from llamaship.quantize.stage import stage_output
+                from llamaship.quantize.torchao_pack import codes_packer
 
-            scheme.check_fits(spec)
-            progress(f"loading and quantizing {scheme.name} with torchao, block by block"
-                     + (f" (quantized values memory-mapped from {offload_dir})" if offload_dir else ""))
-            on_loaded = group_quantizer(scheme, offload_dir=offload_dir)
-        model: Llama = build_model(spec, state, max_context=max_context, impl="executorch",
-                                   full_logits=full_logits, on_loaded=on_loaded)
+                scheme.check_fits(spec)
+                quantized = stack.enter_context(stage_output(spec, state, scheme, quantized, out_path.parent, progress))
+                progress(f"packing {scheme.name} ({scheme.algorithm} codes) as torchao tensors, block by block"
+                         + (f" (values memory-mapped from {offload_dir})" if offload_dir else ""))
+                on_loaded = codes_packer(quantized, scheme.activations, offload_dir=offload_dir)
+                state = quantized.state(state)
+            model: Llama = build_model(spec, state, max_context=max_context, impl="executorch",
+                                       full_logits=full_logits, on_loaded=on_loaded)
         timings["quantize_s"] = time.perf_counter() - t0
         with memory_bounded_lowering(offload_dir):
             return _lower(model, spec, out_path, max_context, max_seq_len, timings, progress)

@@ -3,8 +3,9 @@ core while it lowers.
 
 ExecuTorch's lowering is single-threaded Python: on the 2-core machines we measure on, it held
 one core for 3 of the 5.5 minutes of the embedded default's export while the other idled. The child
-reloads the checkpoint from its source (seconds for a small model) rather than receiving the
-weights; it is used only below `OFFLOAD_PARAMS`, where a second copy of the weights is cheap.
+reloads the checkpoint from its source (seconds for a small model) and reads the quantize stage's
+codes from its folder rather than receiving the weights; it is used only below `OFFLOAD_PARAMS`,
+where a second copy of the weights is cheap.
 Progress lines come back through a pipe; errors come back as the same `LlamashipError` class.
 """
 
@@ -22,7 +23,7 @@ from llamaship.errors import ExportError, LlamashipError
 from llamaship.quantize.scheme import QuantScheme
 
 
-def _child(conn: Connection, source: str, scheme: dict[str, Any] | None, out_path: str,
+def _child(conn: Connection, source: str, scheme: dict[str, Any] | None, quantized: str | None, out_path: str,
            max_context: int, max_seq_len: int) -> None:
     try:
         from llamaship.export.executorch import export_pte
@@ -31,9 +32,13 @@ def _child(conn: Connection, source: str, scheme: dict[str, Any] | None, out_pat
 
         quiet_library_warnings()
         ckpt = load_checkpoint(source)
+        from llamaship.quantize.checkpoint import QuantizedCheckpoint
+
         quant = QuantScheme(**scheme) if scheme is not None else None
+        codes = QuantizedCheckpoint(Path(quantized)) if quantized is not None else None
         timings = export_pte(ckpt.spec, ckpt.state, quant, Path(out_path), max_context=max_context,
-                             max_seq_len=max_seq_len, progress=lambda m: conn.send(("progress", m)))
+                             max_seq_len=max_seq_len, progress=lambda m: conn.send(("progress", m)),
+                             quantized=codes)
         from llamaship.runtime.memory import peak_rss_mb
 
         conn.send(("done", {**timings, "peak_rss_mb": peak_rss_mb()}))
@@ -52,12 +57,13 @@ class BackgroundPteExport:
     Use as a context manager: leaving the block early (an error, Ctrl-C) terminates the child."""
 
     def __init__(self, source: Path, scheme: QuantScheme | None, out_path: Path, max_context: int,
-                 max_seq_len: int, progress: Callable[[str], None]) -> None:
+                 max_seq_len: int, progress: Callable[[str], None], quantized: Path | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe(duplex=False)
         scheme_args = None if scheme is None else {
             k: v for k, v in scheme.to_json().items() if k in QuantScheme.__dataclass_fields__}
-        self._proc = ctx.Process(target=_child, args=(child_conn, str(source), scheme_args, str(out_path),
+        self._proc = ctx.Process(target=_child, args=(child_conn, str(source), scheme_args,
+                                                      None if quantized is None else str(quantized), str(out_path),
                                                       max_context, max_seq_len), daemon=True)
         self._progress = progress
         self._result: tuple[str, Any] | None = None

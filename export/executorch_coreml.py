@@ -9,8 +9,8 @@ lowers to a runtime `slice_update` begin, so the cache write needs no mask trick
 keeps the runner's inputs. Cache writes by `index_put` with a T-long index do not convert
 (coremltools' whole-slice path squeezes the index to a scalar).
 
-Quantization is done in PyTorch by torchao (int4 weight-only per group, asymmetric; embedding and
-lm_head per the scheme), and coremltools turns torchao's `dequantize_affine` into
+The weights are the quantize stage's codes as torchao tensors (int4 weight-only per group;
+embedding and lm_head per the scheme), and coremltools turns torchao's `dequantize_affine` into
 `constexpr_blockwise_shift_scale`, the same storage the .mlpackage uses; done this way rather than
 with the delegate's `op_linear_quantizer_config` because that applies one config to every linear
 (it would put the lm_head at 4 bits) and leaves an untied embedding in fp16.
@@ -27,17 +27,19 @@ import contextlib
 import io
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from llamaship.errors import ExportError
-from llamaship.export.coreml_common import MASK_MIN, MIN_TARGET, StatefulLlama, weight_only
+from llamaship.export.coreml_common import MASK_MIN, MIN_TARGET, StatefulLlama
 from llamaship.export.llama.model import Llama, build_model
 from llamaship.export.llama.spec import ModelSpec
+from llamaship.quantize.checkpoint import QuantizedCheckpoint
 from llamaship.quantize.scheme import QuantScheme
+from llamaship.quantize.stage import stage_output
 
 
 class CoreMLRunnerLlama(StatefulLlama):
@@ -69,26 +71,31 @@ def scheme_name(scheme: QuantScheme | None) -> str:
         return "fp16"
     emb = f"-emb{scheme.embedding_bits}" if scheme.embedding_bits else "-embfp16"
     head = f"-head{scheme.lm_head_bits}" if scheme.lm_head_bits else "-headfp16"
-    return f"w{scheme.bits}-g{scheme.group_size}-asym{emb}{head}-fp16"
+    asym = "" if scheme.symmetric else "-asym"
+    return f"w{scheme.bits}-g{scheme.group_size}-{scheme.algorithm}{asym}{emb}{head}-fp16"
 
 
-def build_runner_module(spec: ModelSpec, state: dict[str, torch.Tensor], scheme: QuantScheme | None,
+def build_runner_module(spec: ModelSpec, state: Mapping[str, torch.Tensor], quantized: QuantizedCheckpoint | None,
                         max_context: int) -> CoreMLRunnerLlama:
-    """The module that is exported, quantized as it will be stored (also the tests' reference)."""
-    model = build_model(spec, state, max_context=max_context, impl="torch").eval()
-    if scheme is not None:
-        from llamaship.quantize.torchao_quant import quantize_for_executorch
+    """The module that is exported, with the quantize stage's codes as weight-only torchao
+    tensors (also the tests' reference)."""
+    if quantized is None:
+        return CoreMLRunnerLlama(build_model(spec, state, max_context=max_context, impl="torch").eval()).eval()
+    from llamaship.quantize.torchao_pack import codes_packer
 
-        quantize_for_executorch(model, weight_only(scheme))
-    return CoreMLRunnerLlama(model).eval()
+    model = build_model(spec, quantized.state(state), max_context=max_context, impl="torch",
+                        on_loaded=codes_packer(quantized, "none"))
+    return CoreMLRunnerLlama(model.eval()).eval()
 
 
 def export_pte_coreml(
-    spec: ModelSpec, state: dict[str, torch.Tensor], scheme: QuantScheme | None, out: Path,
+    spec: ModelSpec, state: Mapping[str, torch.Tensor], scheme: QuantScheme | None, out: Path,
     max_context: int, max_seq_len: int, progress: Callable[[str], None] = print,
+    quantized: QuantizedCheckpoint | None = None,
 ) -> dict[str, Any]:
     """Write `out` (.pte, one Core ML delegate). Returns timings and the quantization read back
-    from the delegate's program."""
+    from the delegate's program. `quantized` is the quantize stage's output; without it the
+    stage runs here."""
     import coremltools as ct
     from executorch.backends.apple.coreml.compiler import CoreMLBackend
     from executorch.backends.apple.coreml.partition import CoreMLPartitioner
@@ -101,10 +108,13 @@ def export_pte_coreml(
         raise ExportError(f"max_seq_len {max_seq_len} must be below the context {max_context} for this format")
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    module = build_runner_module(spec, state, scheme, max_context)
+    with contextlib.ExitStack() as stack:
+        if scheme is not None:
+            quantized = stack.enter_context(stage_output(spec, state, scheme, quantized, out.parent, progress))
+        module = build_runner_module(spec, state, quantized if scheme is not None else None, max_context)
     if scheme is not None:
         timings["quantize_s"] = time.perf_counter() - t
-        progress(f"quantized with torchao: {scheme_name(weight_only(scheme))}")
+        progress(f"packed the {scheme.algorithm} codes as torchao tensors: {scheme_name(scheme)}")
     t = time.perf_counter()
     progress("torch.export of the Core ML forward (dynamic prompt length)")
     seq = Dim("T", min=1, max=max_seq_len)

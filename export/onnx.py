@@ -15,12 +15,13 @@ writes, and its console output goes to a log that we quote when it fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,27 +32,17 @@ from llamaship.export import onnx_prequant as prequant
 from llamaship.export.hf_folder import write_hf_folder
 from llamaship.export.llama.spec import ModelSpec
 from llamaship.export.llama.tokenizer import Tokenizer
+from llamaship.quantize.checkpoint import QuantizedCheckpoint
 from llamaship.quantize.scheme import QuantScheme
+from llamaship.quantize.stage import stage_output
 
 ACCURACY_LEVELS = {1: "fp32", 2: "fp16", 3: "bf16", 4: "int8"}
 DEFAULT_ACCURACY_LEVEL = 4  # what the builder picks for CPU: int8 activations in MatMulNBits
-# How MatMulNBits weights are rounded. "k_quant": onnxruntime's port of llama.cpp's k-quant search
-# (per block a scale and a zero point chosen to minimise the error; always asymmetric). "rtn":
-# onnxruntime's default MLAS round-to-nearest (symmetric unless --asymmetric). Measured on SmolLM2
-# (4096-token WikiText-2 slice, KLD vs fp32): k_quant 0.280, rtn 0.256; but rtn flips the greedy
-# answer to "The capital of France is" (fp32: " Paris" p=0.77; rtn: " capital", Paris not in its
-# top 4) and is worse at short context (KLD over positions 8-31: 0.401 vs 0.363), so k_quant is
-# the default.
-ALGORITHMS = ("k_quant", "rtn")
-DEFAULT_ALGORITHM = "k_quant"
 
 
-def builder_options(
-    scheme: QuantScheme | None, accuracy_level: int, algorithm: str = DEFAULT_ALGORITHM,
-) -> tuple[str, dict[str, str]]:
-    """The builder's precision and --extra_options for a QuantScheme."""
-    if algorithm not in ALGORITHMS:
-        raise UnsupportedError(f"ONNX quantization algorithm {algorithm!r} is not one of {list(ALGORITHMS)}")
+def builder_options(scheme: QuantScheme | None, accuracy_level: int) -> tuple[str, dict[str, str]]:
+    """The builder's precision and --extra_options for a QuantScheme (its weights arrive as an
+    olive checkpoint of the quantize stage's codes: the builder only repacks them)."""
     if scheme is None:
         return "fp32", {}
     if scheme.bits != 4:
@@ -60,42 +51,33 @@ def builder_options(
         )
     if accuracy_level not in ACCURACY_LEVELS:
         raise UnsupportedError(f"accuracy level {accuracy_level} is not one of {sorted(ACCURACY_LEVELS)}")
-    opts = {
-        "block_size": str(scheme.group_size),
-        "is_symmetric": "true" if scheme.symmetric else "false",
-        "accuracy_level": str(accuracy_level),
-        # builder 0.18 shares the embedding with lm_head by default for tied models, but then names
-        # the int8 lm_head weight differently from what the Gather reads (an invalid graph): give
-        # the embedding its own (int4) copy instead.
-        "shared_embeddings": "false",
-        "prune_lm_head": "true",  # prefill computes the last position's logits only, as the .pte does
-    }
     if scheme.embedding_bits == 8:
         raise UnsupportedError("onnxruntime's GatherBlockQuantized takes 4-bit embeddings only: "
                                "use --embedding-bits 4 or 0 for onnx")
-    if algorithm == "k_quant":
-        del opts["is_symmetric"]  # k_quant always stores a zero point per block
-        opts["algo_config"] = "k_quant"  # leaves the embedding float: see quantize_embedding
-    elif scheme.embedding_bits == 4:
-        opts["op_types_to_quantize"] = "MatMul/Gather"
-    if scheme.lm_head_bits == 8:
-        opts["matmul_mixed_precision"] = "last_matmul:int8"
-    elif scheme.lm_head_bits == 0:
-        opts["nodes_to_exclude"] = "/lm_head/MatMul"
-    return "int4", opts
+    if scheme.lm_head_bits == 0:
+        raise UnsupportedError("the ONNX route packs the quantize stage's codes for every linear, lm_head included: "
+                               "use --lm-head-bits 8 or 4 for onnx")
+    return "int4", {
+        "block_size": str(scheme.group_size),
+        "accuracy_level": str(accuracy_level),
+        # builder 0.18 shares the embedding with lm_head by default for tied models, but then names
+        # the int8 lm_head weight differently from what the Gather reads (an invalid graph): give
+        # the embedding its own copy instead.
+        "shared_embeddings": "false",
+        "prune_lm_head": "true",  # prefill computes the last position's logits only, as the .pte does
+    }
 
 
-def scheme_name(scheme: QuantScheme | None, accuracy_level: int, algorithm: str) -> str:
-    """What the ONNX graph holds, named like QuantScheme.name: e.g. w4-g32-kquant-emb4-head8-a8
+def scheme_name(scheme: QuantScheme | None, accuracy_level: int) -> str:
+    """What the ONNX graph holds, named like QuantScheme.name: e.g. w4-g32-gptq-emb4-head8-a8
     (a8: int8 activations inside MatMulNBits, accuracy level 4)."""
     if scheme is None:
         return "fp32"
-    asym = algorithm == "k_quant" or not scheme.symmetric
     emb = f"-emb{scheme.embedding_bits}" if scheme.embedding_bits else ""
     head = f"-head{scheme.lm_head_bits}" if scheme.lm_head_bits else "-headfp32"
     act = {4: "a8", 3: "abf16", 2: "a16", 1: "a32"}[accuracy_level]
-    algo = "kquant" if algorithm == "k_quant" else "rtn"
-    return f"w{scheme.bits}-g{scheme.group_size}-{algo}{'-asym' if asym else ''}{emb}{head}-{act}"
+    asym = "" if scheme.symmetric else "-asym"
+    return f"w{scheme.bits}-g{scheme.group_size}-{scheme.algorithm}{asym}{emb}{head}-{act}"
 
 
 def run_builder(hf_dir: Path, out: Path, precision: str, options: dict[str, str], log: Path,
@@ -113,27 +95,6 @@ def run_builder(hf_dir: Path, out: Path, precision: str, options: dict[str, str]
     if res.returncode != 0 or not (out / "model.onnx").exists():
         tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-4:]
         raise ExportError(f"onnxruntime-genai model builder failed (exit {res.returncode}): {' | '.join(tail)}")
-
-
-def quantize_embedding(model_path: Path, group_size: int) -> None:
-    """GatherBlockQuantized int4 for a float embedding the builder left (its k_quant path handles
-    MatMul only), with onnxruntime's own quantizer, rewriting the graph and its external data."""
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
-
-    model = onnx.load(str(model_path))  # external data into memory: the file is rewritten below
-    axes = (("Gather", 1),)
-    config = DefaultWeightOnlyQuantConfig(block_size=group_size, is_symmetric=True,
-                                          op_types_to_quantize=("Gather",), quant_axes=axes)
-    quantizer = MatMulNBitsQuantizer(model, block_size=group_size, is_symmetric=True,
-                                     op_types_to_quantize=("Gather",), quant_axes=axes, algo_config=config)
-    quantizer.process()
-    data = model_path.with_name(model_path.name + ".data")
-    data.unlink(missing_ok=True)  # onnx appends to an existing external data file
-    quantizer.model.save_model_to_file(str(model_path), use_external_data_format=True)
 
 
 def describe_quantization(model_path: Path) -> dict[str, Any]:
@@ -167,24 +128,26 @@ def describe_quantization(model_path: Path) -> dict[str, Any]:
 
 
 def export_onnx(
-    spec: ModelSpec, state: dict[str, torch.Tensor], tokenizer: Tokenizer, scheme: QuantScheme | None,
+    spec: ModelSpec, state: Mapping[str, torch.Tensor], tokenizer: Tokenizer, scheme: QuantScheme | None,
     out: Path, max_context: int, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
-    algorithm: str = DEFAULT_ALGORITHM, progress: Callable[[str], None] = print,
+    progress: Callable[[str], None] = print, quantized: QuantizedCheckpoint | None = None,
 ) -> dict[str, Any]:
     """Write model.onnx + model.onnx.data + genai_config.json + tokenizer files into `out`.
-    Returns timings and the quantization read back from the graph."""
-    precision, options = builder_options(scheme, accuracy_level, algorithm)
-    if scheme is not None:
-        scheme.check_fits(spec)
+    Returns timings and the quantization read back from the graph. `quantized` is the quantize
+    stage's output; without it the stage runs here."""
+    precision, options = builder_options(scheme, accuracy_level)
     timings: dict[str, float] = {}
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".onnx-build-", dir=out.parent) as work:
+    with tempfile.TemporaryDirectory(prefix=".onnx-build-", dir=out.parent) as work, contextlib.ExitStack() as stack:
         t = time.perf_counter()
         folder_spec = spec.replace(max_context=max_context)
-        if prequant.supports(scheme, algorithm):
-            progress("onnx: quantizing the linears (k-quant) into an olive checkpoint for the model builder")
-            hf_dir = prequant.write_olive_folder(folder_spec, state, tokenizer, scheme, Path(work) / "hf",
-                                                 progress)
+        if scheme is not None:
+            scheme.check_fits(spec)
+            quantized = stack.enter_context(stage_output(spec, state, scheme, quantized, out.parent, progress,
+                                                         tokenizer))
+            progress(f"onnx: the {scheme.algorithm} codes as an olive checkpoint for the model builder")
+            hf_dir = prequant.write_olive_folder(folder_spec, quantized.state(state), quantized, tokenizer, scheme,
+                                                 Path(work) / "hf", progress)
         else:
             progress("onnx: writing the checkpoint as a Hugging Face folder for the model builder")
             hf_dir = write_hf_folder(folder_spec, state, tokenizer, Path(work) / "hf")
@@ -194,13 +157,13 @@ def export_onnx(
                  + " ".join(f"{k}={v}" for k, v in options.items()))
         run_builder(hf_dir, out, precision, options, Path(work) / "builder.log", Path(work) / "cache")
         timings["builder_s"] = time.perf_counter() - t
-    if scheme is not None and scheme.embedding_bits == 4 and algorithm == "k_quant":
-        t = time.perf_counter()
-        progress(f"onnx: embedding to GatherBlockQuantized int4, block {scheme.group_size}")
-        quantize_embedding(out / "model.onnx", scheme.group_size)
-        timings["embedding_s"] = time.perf_counter() - t
+        if scheme is not None and quantized is not None and scheme.embedding_bits == 4:
+            t = time.perf_counter()
+            progress(f"onnx: embedding codes as GatherBlockQuantized int4, block {scheme.group_size}")
+            prequant.quantized_embedding(out / "model.onnx", quantized.get("tok_embeddings.weight"))
+            timings["embedding_s"] = time.perf_counter() - t
     quant = describe_quantization(out / "model.onnx")
-    quant["algorithm"] = algorithm if scheme is not None else None
+    quant["algorithm"] = scheme.algorithm if scheme is not None else None
     if scheme is not None:
         blocks = {k for k in quant["quantized_ops"] if f"block {scheme.group_size} " not in k}
         if blocks or not quant["quantized_ops"]:

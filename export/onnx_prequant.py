@@ -1,24 +1,24 @@
-"""Quantize the linear weights ourselves, one tensor at a time, and hand the model builder an
-already-quantized checkpoint ("olive" format) instead of a float one.
+"""Hand onnxruntime-genai's model builder an already-quantized checkpoint ("olive" format) made
+from the quantize stage's codes, and write the embedding's GatherBlockQuantized from them too.
 
-Why: onnxruntime-genai 0.18's builder, given a float checkpoint, builds every weight as an fp32
-ONNX initializer before it quantizes (about 6 bytes per parameter at its peak: some 45 GiB for
-Llama 3 8B, far over a 24 GB machine). Given a quantized checkpoint it only repacks. We run the
-same quantizer the builder would (onnxruntime's k-quant port, `quant_tensor_k_quant_cpu`) on each
-weight as it streams out of the memory-mapped checkpoint, so the MatMulNBits weights are
-byte-identical to the builder's own (tested), but the peak is one weight matrix, not the model.
+Why: the ONNX artifact must carry the same codes as every other format (llamaship.quantize), and
+the builder, given a float checkpoint, would round again its own way. It also keeps memory flat:
+given a float checkpoint the builder builds every weight as an fp32 ONNX initializer before it
+quantizes (about 6 bytes per parameter at its peak: some 45 GiB for Llama 3 8B), while a quantized
+checkpoint it only repacks, one tensor at a time.
 
-A second reason: onnxruntime's packing of 4-bit zero points runs across rows, which breaks when a
-row has an odd number of blocks (e.g. K=576 with block 64); the olive format packs per row, as
-MatMulNBits defines it.
+MatMulNBits stores unsigned nibbles with a zero point per block: w = (u - z_u) * s. Our signed
+codes q (and zero points z) map exactly: u = q + 2^(bits-1), z_u = z + 2^(bits-1), so a symmetric
+scheme's blocks carry the explicit zero point 8. An 8-bit lm_head quantized per output channel is
+stored per block with that channel's scale repeated, exactly. The olive format packs zero points
+per row, as MatMulNBits defines it (onnxruntime's own packing runs across rows and breaks when a
+row has an odd number of blocks, e.g. K=576 with block 64).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,71 +30,115 @@ from llamaship.export.llama.load_hf import hf_name
 from llamaship.export.llama.spec import ModelSpec
 from llamaship.export.llama.tokenizer import Tokenizer
 from llamaship.progress import advance, natural_key
+from llamaship.quantize.checkpoint import QuantizedCheckpoint
+from llamaship.quantize.codes import QTensor
 from llamaship.quantize.scheme import QuantScheme
 
-ROWS_PER_CHUNK = 1024  # k-quant works per block: row chunks bound its temporaries (~40 MB at K=4096)
+
+def unsigned(qt: QTensor, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes u [out, in], scales fp32 [out, in/block], zero points u [out, in/block]) with
+    u = q + 2^(bits-1); per-channel params repeated across the blocks of their row."""
+    offset = 1 << (qt.bits - 1)
+    reps = qt.group_size // block
+    scales = qt.scales.float().repeat_interleave(reps, dim=1)
+    zeros = qt.zero_points().to(torch.int16).repeat_interleave(reps, dim=1) + offset
+    return ((qt.codes.to(torch.int16) + offset).to(torch.uint8).numpy(), scales.numpy(),
+            zeros.to(torch.uint8).numpy())
 
 
-def k_quant(weight: torch.Tensor, bits: int, group_size: int) -> dict[str, np.ndarray]:
-    """One (out, in) weight in olive layout: qweight uint8 (out, in*bits/8), the low nibble the
-    even column; scales fp32 (out, in/group); qzeros uint8 (out, ceil(groups*bits/8))."""
-    from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
-
-    out_f, in_f = weight.shape
-    groups = in_f // group_size
-    q = np.empty((out_f, in_f), np.uint8)
-    scales = np.empty((out_f, groups), np.float32)
-    zeros = np.empty((out_f, groups), np.uint8)
-
-    def chunk(r: int) -> None:
-        rows = weight[r:r + ROWS_PER_CHUNK].float().numpy()
-        qc, sc, zc = quant_tensor_k_quant_cpu(rows, bits, group_size)
-        n = rows.shape[0]
-        q[r:r + n] = qc.reshape(n, in_f).astype(np.uint8)
-        scales[r:r + n] = sc.reshape(n, groups).astype(np.float32)  # the builder casts to fp32 too
-        zeros[r:r + n] = zc.reshape(n, groups)
-
-    # numpy releases the GIL inside its array ops: row chunks on threads use every core
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        list(pool.map(chunk, range(0, out_f, ROWS_PER_CHUNK)))
-    if bits == 8:
+def olive_parts(qt: QTensor, block: int) -> dict[str, np.ndarray]:
+    """One matrix in olive layout: qweight uint8 (out, in*bits/8), the low nibble the even
+    column; scales fp32 (out, in/block); qzeros uint8 (out, ceil(blocks*bits/8))."""
+    q, scales, zeros = unsigned(qt, block)
+    if qt.bits == 8:
         return {"qweight": q, "scales": scales, "qzeros": zeros}
-    if groups % 2:  # a row's last byte holds one zero point and the default 8 in its high nibble
-        zeros = np.concatenate([zeros, np.full((out_f, 1), 8, np.uint8)], axis=1)
+    if zeros.shape[1] % 2:  # a row's last byte holds one zero point and the default 8 in its high nibble
+        zeros = np.concatenate([zeros, np.full((zeros.shape[0], 1), 8, np.uint8)], axis=1)
     return {"qweight": q[:, 0::2] | (q[:, 1::2] << 4), "scales": scales,
             "qzeros": zeros[:, 0::2] | (zeros[:, 1::2] << 4)}
 
 
-def supports(scheme: QuantScheme | None, algorithm: str) -> bool:
-    """The schemes this route writes: k-quant, 4-bit linears, lm_head 4- or 8-bit."""
-    return (scheme is not None and algorithm == "k_quant" and scheme.bits == 4
-            and scheme.lm_head_bits in (4, 8))
+def supports(scheme: QuantScheme | None) -> bool:
+    """The schemes this route writes: 4-bit linears, lm_head 4- or 8-bit."""
+    return scheme is not None and scheme.bits == 4 and scheme.lm_head_bits in (4, 8)
 
 
-def olive_tensors(spec: ModelSpec, state: Mapping[str, torch.Tensor], scheme: QuantScheme,
-                  progress: Callable[[str], None]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) pairs: linears quantized, embedding and norms as stored."""
+def olive_tensors(spec: ModelSpec, state: Mapping[str, torch.Tensor], quantized: QuantizedCheckpoint,
+                  scheme: QuantScheme, progress: Callable[[str], None]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs: linears as the stage's codes, embedding and norms as float (the
+    norms as the stage left them)."""
     names = sorted(state, key=natural_key)  # layer 2 before layer 10
-    linears = [n for n in names if n.endswith(".weight") and n.startswith("layers.")
-               and len(_shape(state, n)) == 2]
-    started: set[str] = set()
+    done: set[str] = set()
     for name in names:
-        if name == "output.weight" or name not in linears:
-            if name != "output.weight":
-                yield hf_name(name), state[name].contiguous()
+        if name == "output.weight":
+            continue
+        if name not in quantized or name == "tok_embeddings.weight":
+            yield hf_name(name), state[name].contiguous()
             continue
         layer = name.split(".")[1]
-        if layer not in started:
-            started.add(layer)
-            advance(progress, "onnx: k-quant layers", len(started) - 1, spec.n_layers)
+        if layer not in done:
+            done.add(layer)
+            advance(progress, "onnx: packing the codes as MatMulNBits", len(done) - 1, spec.n_layers)
         prefix = hf_name(name).removesuffix(".weight")
-        for part, arr in k_quant(state[name], scheme.bits, scheme.group_size).items():
+        for part, arr in olive_parts(quantized.get(name), scheme.group_size).items():
             yield f"{prefix}.{part}", torch.from_numpy(arr)
-    advance(progress, "onnx: k-quant layers", spec.n_layers, spec.n_layers)
-    head = state["output.weight"] if "output.weight" in state else state["tok_embeddings.weight"]
-    progress(f"onnx: k-quant lm_head, {scheme.lm_head_bits}-bit")
-    for part, arr in k_quant(head, scheme.lm_head_bits, scheme.group_size).items():
+    advance(progress, "onnx: packing the codes as MatMulNBits", spec.n_layers, spec.n_layers)
+    for part, arr in olive_parts(quantized.get("output.weight"), scheme.group_size).items():
         yield f"lm_head.{part}", torch.from_numpy(arr)
+
+
+def quantized_embedding(model_path: Path, qt: QTensor) -> None:
+    """Replace the graph's float embedding Gather with GatherBlockQuantized holding the stage's
+    codes: INT4 data for a symmetric scheme, UINT4 data and zero points (q + 8) otherwise; the
+    node and attributes as onnxruntime's own `MatMulNBitsQuantizer` writes them for a Gather."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(model_path))  # external data into memory: the file is rewritten below
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    node = next(n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
+                and len(inits[n.input[0]].dims) == 2)
+    table = inits[node.input[0]]
+    if tuple(table.dims) != qt.shape:
+        raise ValueError(f"embedding {table.name} is {list(table.dims)}, the codes are {list(qt.shape)}")
+    if qt.symmetric:
+        data = _nibbles(qt.codes.numpy(), TensorProto.INT4, table.name + "_Q4")
+        extra: list[TensorProto] = []
+    else:
+        u, _, z = unsigned(qt, qt.group_size)
+        data = _nibbles(u, TensorProto.UINT4, table.name + "_Q4")
+        extra = [_nibbles(z, TensorProto.UINT4, table.name + "_zero_points")]
+    scales = numpy_helper.from_array(qt.scales.float().numpy(), table.name + "_scales")
+    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+    new = helper.make_node("GatherBlockQuantized", [data.name, node.input[1], scales.name, *(e.name for e in extra)],
+                           [node.output[0]], name=(node.name or "embed") + "_Q4", domain="com.microsoft",
+                           gather_axis=axis, quantize_axis=1, block_size=qt.group_size)
+    idx = list(graph.node).index(node)
+    graph.node.remove(node)
+    graph.node.insert(idx, new)
+    graph.initializer.remove(table)
+    graph.initializer.extend([data, scales, *extra])
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    ext = model_path.with_name(model_path.name + ".data")
+    ext.unlink(missing_ok=True)  # onnx appends to an existing external data file
+    onnx.save_model(model, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=ext.name, size_threshold=1024)
+
+
+def _nibbles(values: np.ndarray, dtype: int, name: str) -> Any:
+    """A 4-bit initializer: two values per byte, low nibble first (ONNX's packing)."""
+    from onnx import TensorProto
+
+    flat = (values.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    t = TensorProto()
+    t.name, t.data_type = name, dtype
+    t.dims.extend(values.shape)
+    t.raw_data = (flat[0::2] | (flat[1::2] << 4)).tobytes()
+    return t
 
 
 def _shape(state: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
@@ -103,8 +147,8 @@ def _shape(state: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
 
 
 def write_olive_folder(
-    spec: ModelSpec, state: Mapping[str, torch.Tensor], tokenizer: Tokenizer, scheme: QuantScheme,
-    folder: Path, progress: Callable[[str], None] = print, shard_bytes: int = 1 << 30,
+    spec: ModelSpec, state: Mapping[str, torch.Tensor], quantized: QuantizedCheckpoint, tokenizer: Tokenizer,
+    scheme: QuantScheme, folder: Path, progress: Callable[[str], None] = print, shard_bytes: int = 1 << 30,
 ) -> Path:
     """An HF folder the builder reads as an olive-quantized model: config.json with its
     quantization_config, sharded safetensors, tokenizer files."""
@@ -123,7 +167,7 @@ def write_olive_folder(
         weight_map.update(dict.fromkeys(shard, fname))
         shard, size = {}, 0
 
-    for name, tensor in olive_tensors(spec, state, scheme, progress):
+    for name, tensor in olive_tensors(spec, state, quantized, scheme, progress):
         if tensor.is_floating_point() and not name.endswith(".scales"):
             float_dtype = tensor.dtype
         shard[name] = tensor

@@ -20,7 +20,9 @@ Precision choices, from the per-layer error table (`bench/qnn_layer_error.py`, S
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -36,7 +38,9 @@ from llamaship.export.llama.spec import ModelSpec
 from llamaship.export.llama.tokenizer import Tokenizer
 from llamaship.export.qnn_graph import MASK_MIN, StaticCacheRunner, StaticLlama, export_float_onnx
 from llamaship.progress import advance
+from llamaship.quantize.checkpoint import QuantizedCheckpoint
 from llamaship.quantize.scheme import QuantScheme
+from llamaship.quantize.stage import stage_output
 
 AR = 128  # prompt-processing chunk (tokens per call): AI Hub's Llama prompt processor size
 CALIB_SEQUENCES = 2  # each of `ctx` tokens, run chunk by chunk with the cache filled
@@ -97,16 +101,18 @@ def calibration_feeds(run: Callable[[dict[str, np.ndarray]], list[np.ndarray]], 
 
 
 def quantize_w4a16(float_model: Path, qdq_model: Path, feeds: Iterator[dict[str, np.ndarray]],
-                   scheme: QuantScheme, linears: str = "lpbq") -> dict[str, Any]:
+                   scheme: QuantScheme, linears: str = "lpbq",
+                   quantized: QuantizedCheckpoint | None = None) -> dict[str, Any]:
     """uint16 activations from calibration; linear weights int8 per channel first (onnxruntime's
-    QNN quantizer), then the block linears' weights swapped for 4-bit LPBQ. `linears` "int8" or
-    "int4_channel" stop short of that (the error table's ablations)."""
+    QNN quantizer), then the block linears' weights swapped for 4-bit LPBQ, derived from the
+    quantize stage's codes when `quantized` is given (else from the float weights). `linears`
+    "int8" or "int4_channel" stop short of that (the error table's ablations)."""
     import onnx
     from onnx import numpy_helper
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
-    from llamaship.export.qnn_lpbq import lpbq_nodes
+    from llamaship.export.qnn_lpbq import lpbq_distance, lpbq_from_codes, lpbq_nodes
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -150,13 +156,20 @@ def quantize_w4a16(float_model: Path, qdq_model: Path, feeds: Iterator[dict[str,
     float_weights = {i.name: i for i in onnx.load(str(float_model)).graph.initializer if i.name in swap}
     model = onnx.load(str(qdq_model))
     nodes, dropped = [], set()
+    distance: dict[str, list[float]] = {}
     for node in model.graph.node:
         w = node.input[0].removesuffix("_quantized") if node.op_type == "DequantizeLinear" else ""
         if w in swap:
             tensor = float_weights[w]
             prefix = (block_linears.get(w) or "/lm_head").strip("/").replace("/", "_")
-            new_nodes, new_inits = lpbq_nodes(prefix, numpy_helper.to_array(tensor), scheme.group_size,
-                                              node.output[0])
+            source: Any = numpy_helper.to_array(tensor)
+            if quantized is not None:
+                qt = quantized.get(state_name(block_linears.get(w)))
+                codes, scales = qt.codes.numpy(), qt.scales.numpy()
+                source = lpbq_from_codes(codes, scales, scheme.group_size)
+                for key, v in lpbq_distance(codes, scales, scheme.group_size).items():
+                    distance.setdefault(key, []).append(v)
+            new_nodes, new_inits = lpbq_nodes(prefix, source, scheme.group_size, node.output[0])
             nodes += new_nodes
             model.graph.initializer.extend(new_inits)
             dropped |= set(node.input)
@@ -173,7 +186,23 @@ def quantize_w4a16(float_model: Path, qdq_model: Path, feeds: Iterator[dict[str,
         stale.unlink()
     onnx.save(model, str(qdq_model), save_as_external_data=True, all_tensors_to_one_file=True,
               location=qdq_model.name + ".data", size_threshold=1024)
+    if distance:
+        described["lpbq_vs_stage_codes"] = {
+            "codes_kept": round(float(np.mean(distance["codes_kept"])), 4),
+            "relative_error_mean": round(float(np.mean(distance["relative_error"])), 5),
+            "relative_error_max": round(float(np.max(distance["relative_error"])), 5)}
     return described
+
+
+def state_name(node_name: str | None) -> str:
+    """The checkpoint name of a block linear from its graph node ("/blocks.3/wq/MatMul"), or the
+    lm_head's ("output.weight") for None."""
+    if node_name is None:
+        return "output.weight"
+    m = re.match(r"/blocks\.(\d+)/(?:.*/)?(w[qkvo123])/MatMul", node_name)
+    if m is None:
+        raise ExportError(f"cannot tell which checkpoint weight the graph node {node_name} multiplies by")
+    return f"layers.{m[1]}.{'attention' if m[2] in ('wq', 'wk', 'wv', 'wo') else 'feed_forward'}.{m[2]}.weight"
 
 
 def compile_and_check(qdq_model: Path, ctx_model: Path, soc_model: str,
@@ -198,9 +227,12 @@ def export_qnn(
     soc_model: str,
     calib_sequences: int = CALIB_SEQUENCES,
     progress: Callable[[str], None] = print,
+    quantized: QuantizedCheckpoint | None = None,
 ) -> dict[str, Any]:
     """Writes `out_dir`/model_ctx.onnx + model_ctx_qnn.bin + qnn_config.json. `max_context` is the
-    cache size the graph is compiled for (past slots = max_context - 128)."""
+    cache size the graph is compiled for (past slots = max_context - 128). The float graph holds
+    the quantize stage's dequantized weights (so activations calibrate on what will run) and LPBQ
+    derives from its codes; without `quantized` the stage runs here."""
     import onnxruntime as ort
 
     from llamaship.runtime.qnn_session import in_child
@@ -213,10 +245,13 @@ def export_qnn(
     work = out_dir.parent / f".{out_dir.name}-work"
     out_dir.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
+    stack = contextlib.ExitStack()
     try:
+        quantized = stack.enter_context(stage_output(spec, state, scheme, quantized, out_dir.parent, progress,
+                                                     tokenizer))
         t = time.perf_counter()
-        progress(f"qnn: float graph (prompt chunk {AR}, context {max_context})")
-        model = build_model(spec, state, max_context=max_context, impl="torch", full_logits=True)
+        progress(f"qnn: float graph of the {scheme.algorithm} weights (prompt chunk {AR}, context {max_context})")
+        model = build_model(spec, quantized.state(state), max_context=max_context, impl="torch", full_logits=True)
         export_float_onnx(StaticLlama(model, AR, max_context).eval(), work / "float.onnx")
         del model
         timings["float_graph"] = time.perf_counter() - t
@@ -228,7 +263,8 @@ def export_qnn(
                         progress, "qnn: calibration chunks", chunks)
         progress(f"qnn: calibrating 16-bit activations on {calib_sequences} x {max_context} tokens of "
                  f"{CALIB_FILE} (chunks of {AR}), then 4-bit LPBQ weights")
-        quant = quantize_w4a16(work / "float.onnx", work / "qdq.onnx", feeds, scheme)
+        quant = quantize_w4a16(work / "float.onnx", work / "qdq.onnx", feeds, scheme, quantized=quantized)
+        stack.close()
         first_feed = next(calibration_feeds(_runner(float_sess), tokenizer, spec, max_context, 1))
         del float_sess, feeds
         timings["quantize"] = time.perf_counter() - t
@@ -249,6 +285,7 @@ def export_qnn(
     finally:
         import shutil
 
+        stack.close()
         shutil.rmtree(work, ignore_errors=True)
     binaries = sorted(p.name for p in out_dir.glob("*.bin"))
     config = {

@@ -39,6 +39,35 @@ def lpbq_quantize(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np
     return q, scale_q, channel
 
 
+def lpbq_from_codes(codes: np.ndarray, scales: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """LPBQ derived from the quantize stage's symmetric codes [N, K] and block scales [N, K/B]
+    (the stage's orientation, rows = output channels) instead of from float weights: the channel
+    scale is the row's largest block scale / 15, each block's 4-bit multiplier the smallest that
+    does not shrink its scale (so no code clips), and the codes are re-rounded to the LPBQ scale.
+    Where a block's scale is already a multiple of the channel step the codes stay the stage's
+    own. Returns (int4 values [K, N], 4-bit block scales [K/B, N], channel scales [N]) like
+    `lpbq_quantize`."""
+    n, k = codes.shape
+    s = scales.astype(np.float64)
+    channel = np.maximum(s.max(1) / 15.0, np.finfo(np.float32).tiny)  # [N]
+    scale_q = np.clip(np.ceil(s / channel[:, None] - 1e-6), 1, 15).astype(np.uint8)  # [N, K/B]
+    lp = scale_q.astype(np.float64) * channel[:, None]
+    w = codes.reshape(n, k // group, group).astype(np.float64) * s[:, :, None]
+    q = np.clip(np.round(w / lp[:, :, None]), -8, 7).astype(np.int8).reshape(n, k)
+    return np.ascontiguousarray(q.T), np.ascontiguousarray(scale_q.T), channel.astype(np.float32)
+
+
+def lpbq_distance(codes: np.ndarray, scales: np.ndarray, group: int) -> dict[str, float]:
+    """How far LPBQ stays from the stage's result: the share of codes kept and the relative
+    error of the LPBQ weight against the stage's dequantized weight."""
+    q, scale_q, channel = lpbq_from_codes(codes, scales, group)
+    n, k = codes.shape
+    stage = codes.reshape(n, k // group, group) * scales[:, :, None]
+    lp = (q.T.reshape(n, k // group, group) * (scale_q.T.astype(np.float64) * channel[:, None])[:, :, None])
+    return {"codes_kept": float((q.T == codes).mean()),
+            "relative_error": float(np.linalg.norm(lp - stage) / max(np.linalg.norm(stage), 1e-30))}
+
+
 def _int4_tensor(name: str, values: np.ndarray) -> TensorProto:
     """An INT4 initializer: two values per byte, low nibble first (ONNX's packing)."""
     flat = (values.reshape(-1).astype(np.int8) & 0x0F).astype(np.uint8)
@@ -52,10 +81,12 @@ def _int4_tensor(name: str, values: np.ndarray) -> TensorProto:
     return t
 
 
-def lpbq_nodes(prefix: str, w: np.ndarray, block: int, output: str) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
-    """The two DequantizeLinear nodes (and their initializers) that produce `output` = W."""
-    q, scale_q, channel = lpbq_quantize(w, block)
-    k, n = w.shape
+def lpbq_nodes(prefix: str, w: np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray], block: int,
+               output: str) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    """The two DequantizeLinear nodes (and their initializers) that produce `output` = W, from a
+    float W [K, N] or an already made (values, block scales, channel scales) triple."""
+    q, scale_q, channel = lpbq_quantize(w, block) if isinstance(w, np.ndarray) else w
+    k, n = q.shape
     inits = [
         numpy_helper.from_array(scale_q, f"{prefix}_lpbq_scale_q"),
         numpy_helper.from_array(channel, f"{prefix}_lpbq_channel_scale"),

@@ -105,6 +105,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             symmetric=not args.asymmetric,
             embedding_bits=args.embedding_bits,
             lm_head_bits=args.lm_head_bits,
+            algorithm=args.quant_algo,
+            calibration_tokens=args.calibration_tokens,
         )
     with _reporter() as progress:
         manifest = export_bundle(
@@ -371,6 +373,7 @@ def backend_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     from llamaship.pipeline import SMOKE_PROMPT
+    from llamaship.quantize import algorithms
     from llamaship.quantize.scheme import GROUP_SIZES, QuantScheme
 
     parser = _Parser(
@@ -412,6 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--asymmetric", action="store_true",
                     help="asymmetric weight groups (scale + zero point); formats whose kernels cannot hold "
                     "them refuse it before any work, and say so")
+    ex.add_argument("--quant-algo", choices=list(algorithms.REGISTRY), default=algorithms.DEFAULT,
+                    help="how the quantize stage picks each matrix's codes, once for every format: "
+                    + "; ".join(f"{a.name}: {a.help}" for a in algorithms.REGISTRY.values())
+                    + f" (default {algorithms.DEFAULT}: measured best, README 'Quantization algorithms')")
+    ex.add_argument("--calibration-tokens", type=_int_in(512, 1 << 20), default=QuantScheme.calibration_tokens,
+                    help="WikiText-2 *validation* tokens the calibrated algorithms (gptq, awq) run through the "
+                    f"model (default {QuantScheme.calibration_tokens}; the test split is never used)")
     ex.add_argument("--embedding-bits", type=int, default=4, choices=[0, 4, 8],
                     help="quantize the token embedding per group to 4 or 8 bits (0 keeps fp32)")
     ex.add_argument("--lm-head-bits", type=int, default=8, choices=[0, 4, 8],

@@ -95,16 +95,24 @@ def export_bundle(
     check_fit(ckpt, scheme, chosen, profiles, max_context, out_parent, out, ignore_fit, progress)
     source_sha = ckpt.sha256()
     with staging_dir(out, force=force) as tmp, contextlib.ExitStack() as stack:
-        job = ExportJob(ckpt, scheme, tmp, max_context, min(max_seq_len, max_context), profiles, options, progress)
+        quantized = run_quantize_stage(ckpt, scheme, out_parent, stack, progress)
+        job = ExportJob(ckpt, scheme, tmp, max_context, min(max_seq_len, max_context), profiles, options, progress,
+                        quantized)
         in_background = len(chosen) > 1 and spec.param_count() < BACKGROUND_MAX_PARAMS
         exported = [b.export_in_background(job, stack) if in_background and b.can_export_in_background
                     else b.export(job) for b in chosen]
         artifacts = [e.entry for e in exported]
+        if quantized is not None:
+            for backend, art in zip(chosen, artifacts, strict=True):
+                art.setdefault("weights", backend.weights)
         early = score_while_lowering(ckpt, tmp, exported, profiles, eval_tokens, progress) \
             if validate and any(e.wait for e in exported) else {}
         timings, child_rss = collect_timings(exported)
         tok_file = ckpt.tokenizer.write_runner_file(tmp)
         meta = manifest_meta(ckpt, scheme, source_sha, artifacts, tok_file, template_refused)
+        if quantized is not None:
+            meta["quant"]["stage"] = quantized.describe()
+            timings["quantize_stage"] = quantized.record["seconds"]
         if smoke_prompt:
             for art in artifacts:
                 art["smoke_test"] = smoke_test(art, tmp, meta, smoke_prompt, smoke_tokens, ckpt.source, progress)
@@ -117,6 +125,22 @@ def export_bundle(
             meta["validation"] = run_validation(ckpt, tmp, meta, profiles, eval_tokens, progress, early)
         manifest = write_manifest(tmp, meta)
     return manifest
+
+
+def run_quantize_stage(ckpt: Any, scheme: QuantScheme | None, parent: Path, stack: contextlib.ExitStack,
+                       progress: Callable[[str], None]) -> Any:
+    """The codes every format packs, computed once (llamaship.quantize.stage) into a work folder
+    that lives as long as `stack`."""
+    import shutil
+
+    from llamaship.bundle import work_dir
+    from llamaship.quantize.stage import quantize_checkpoint
+
+    if scheme is None:
+        return None
+    folder = work_dir(parent, "llamaship-quant")
+    stack.callback(shutil.rmtree, folder, True)
+    return quantize_checkpoint(ckpt.spec, ckpt.state, ckpt.tokenizer, scheme, folder, progress)
 
 
 def default_formats(profiles: list[Any]) -> tuple[str, ...]:

@@ -27,6 +27,8 @@ class QuantScheme:
     activations: str = "int8_dynamic"
     embedding_bits: int = 4
     lm_head_bits: int = 8
+    algorithm: str = "rtn"  # how codes are chosen: quantize/algorithms.py (rtn, hqq, gptq, awq)
+    calibration_tokens: int = 8192  # WikiText-2 validation tokens, for the calibrated algorithms
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -39,6 +41,11 @@ class QuantScheme:
             raise UnsupportedError(f"embedding bits must be 0, 4 or 8, got {self.embedding_bits}")
         if self.activations not in ("int8_dynamic", "none"):
             raise UnsupportedError(f"unknown activation mode {self.activations!r}")
+        from llamaship.quantize.algorithms import get
+
+        get(self.algorithm).check(self.symmetric)
+        if not 512 <= self.calibration_tokens <= 1 << 20:
+            raise UnsupportedError(f"calibration tokens must be 512 to 1048576, got {self.calibration_tokens}")
 
     @property
     def name(self) -> str:

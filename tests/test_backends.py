@@ -33,7 +33,7 @@ def test_a_new_format_runs_through_export_verify_validate_and_generate(toy, gguf
     art = manifest["artifacts"][0]
     assert art["format"] == "toy" and (out / art["path"]).is_file()
     assert art["smoke_test"]["runtime"] == "eager PyTorch" and art["smoke_test"]["stats"]["generated_tokens"] >= 1
-    assert manifest["export"]["stages_s"] == {"toy_write_s": 0.0}
+    assert manifest["export"]["stages_s"].keys() == {"quantize_stage", "toy_write_s"}
     report = json.loads((out / "report.json").read_text())
     acc = report["artifacts"][0]["accuracy"]
     assert report["artifacts"][0]["format"] == "toy" and report["artifacts"][0]["speed"] is None

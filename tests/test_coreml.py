@@ -23,6 +23,7 @@ from llamaship.export.llama.model import build_model
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.runtime import mil_eval
 from llamaship.targets.coreml_runtime import CoreMLModule, generate_ids
+from tests.quant import packed_model, stage
 from tests.steps import DECODE, PROMPT, eager_steps, run_steps
 
 OPS = mil_eval.OPS
@@ -158,11 +159,8 @@ def fp16_package(tmp_path_factory, tiny_ckpt) -> Path:
 
 
 @pytest.fixture(scope="module")
-def int4_package(tmp_path_factory, tiny_ckpt) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("coreml") / "int4.mlpackage"
-    res = export_coreml(tiny_ckpt.spec, tiny_ckpt.state, QuantScheme(), out, max_context=128, max_seq_len=16,
-                        progress=lambda s: None)
-    return out, res
+def int4_package(tiny_int4_package) -> tuple[Path, dict]:
+    return tiny_int4_package
 
 
 def test_fp16_program_matches_module_through_state(tiny_ckpt, fp16_package):
@@ -185,13 +183,15 @@ def test_int4_program_stores_requested_blocks(tiny_ckpt, int4_package):
     package, res = int4_package
     quant = describe_quantization(package)
     linear = [w for w in quant["weights"] if w["feeds"] == ["linear"]]
-    assert len(linear) == 7 * tiny_ckpt.spec.n_layers
-    # always asymmetric: coremltools' symmetric int4 uses 15 of 16 levels
-    assert all(w["dtype"] == "int4" and w["block"] == 32 and not w["symmetric"] for w in linear)
-    # tied model: one int8 matrix serves the embedding gather and the lm_head
-    shared = [w for w in quant["weights"] if w["feeds"] == ["gather", "linear"]]
-    assert len(shared) == 1 and shared[0]["dtype"] == "int8"
-    assert res["quantization"]["embedding_shared_with_lm_head"] is True
+    head = [w for w in linear if w["dtype"] == "int8"]  # the lm_head, int8 per channel
+    body = [w for w in linear if w not in head]
+    assert len(body) == 7 * tiny_ckpt.spec.n_layers and len(head) == 1
+    # the stage's symmetric codes, stored as they are (no offset)
+    assert all(w["dtype"] == "int4" and w["block"] == 32 and w["symmetric"] for w in body)
+    # tied model: the embedding is its own int4 table (the stage quantizes each matrix for its op)
+    (emb,) = [w for w in quant["weights"] if w["feeds"] == ["gather"]]
+    assert emb["dtype"] == "int4" and emb["block"] == 32
+    assert res["quantization"]["algorithm"] == "gptq"
     assert quant["float_params"] < 10_000  # norms and rope tables only
 
 
@@ -234,8 +234,8 @@ def test_block_64(tmp_path, tiny_ckpt):
     out = tmp_path / "g64.mlpackage"
     export_coreml(tiny_ckpt.spec, tiny_ckpt.state, QuantScheme(group_size=64), out,
                   max_context=64, max_seq_len=8, progress=lambda s: None)
-    linear = [w for w in describe_quantization(out)["weights"] if w["feeds"] == ["linear"]]
-    assert linear and all(w["block"] == 64 and not w["symmetric"] for w in linear)
+    linear = [w for w in describe_quantization(out)["weights"] if w["feeds"] == ["linear"] and w["dtype"] == "int4"]
+    assert linear and all(w["block"] == 64 and w["symmetric"] for w in linear)
     got = run_steps(CoreMLModule(out).forward)
     ref = eager_steps(build_model(tiny_ckpt.spec, tiny_ckpt.state, max_context=64))
     assert all(torch.nn.functional.cosine_similarity(g, r).item() > 0.9 for g, r in zip(got, ref, strict=True))
@@ -248,30 +248,27 @@ def test_streamed_route_computes_its_quantized_module_up_to_the_last_cache_slot(
     state, up to a mask as wide as the cache (the width torch.export cannot trace: the range is
     widened after conversion). Untied: the lm_head is its own int8 matrix."""
     from llamaship.export.coreml import CoreMLLlama
-    from llamaship.export.executorch_coreml import weight_only
-    from llamaship.quantize.torchao_quant import group_quantizer
 
     spec, state = tiny_ckpt.spec, dict(tiny_ckpt.state)
     if not tied:
         spec = spec.replace(tied_embeddings=False)
         state["output.weight"] = state["tok_embeddings.weight"].flip(0).clone()
     ctx, out = 16, tmp_path / "streamed.mlpackage"
-    res = export_coreml(spec, state, QuantScheme(), out, max_context=ctx, max_seq_len=8, streamed=True,
-                        progress=lambda s: None)
-    assert res["quantization"]["quantizer"] == "torchao (streamed)"
+    quantized = stage(tiny_ckpt, QuantScheme(), tmp_path / "q", spec, state)
+    export_coreml(spec, state, QuantScheme(), out, max_context=ctx, max_seq_len=8, progress=lambda s: None,
+                  quantized=quantized)
     weights = describe_quantization(out)["weights"]
     linear = [w for w in weights if w["feeds"] == ["linear"] and w["dtype"] == "int4"]
-    assert len(linear) == 7 * spec.n_layers and all(w["block"] == 32 and not w["symmetric"] for w in linear)
+    assert len(linear) == 7 * spec.n_layers and all(w["block"] == 32 for w in linear)
     assert sorted(w["dtype"] for w in weights if w not in linear) == ["int4", "int8"]  # embedding, lm_head
-    assert not list(tmp_path.glob(".llamaship-weights-*"))  # the memory-mapped values are gone
+    assert not list(tmp_path.glob(".llamaship-*"))  # the memory-mapped values are gone
     import coremltools as ct
 
     ranges = {i.name: [(r.lowerBound, r.upperBound) for r in i.type.multiArrayType.shapeRange.sizeRanges]
               for i in ct.utils.load_spec(str(out)).description.input}
     assert ranges["causal_mask"][2:] == [(1, 8), (1, ctx)] and ranges["input_ids"][1] == (1, 8)
 
-    ref = CoreMLLlama(build_model(spec, state, max_context=ctx, impl="torch",
-                                  on_loaded=group_quantizer(weight_only(QuantScheme())))).eval()
+    ref = CoreMLLlama(packed_model(spec, state, quantized, ctx, "none")).eval()
     module = CoreMLModule(out)
     tokens = [*PROMPT, *DECODE][:8]
     steps = [(tokens, 0)] + [([t], 8 + i) for i, t in enumerate([*DECODE, *PROMPT][:8])]

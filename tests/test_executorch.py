@@ -15,8 +15,8 @@ import torch
 from llamaship.export.executorch import export_pte
 from llamaship.export.llama.model import build_model
 from llamaship.quantize.scheme import QuantScheme
-from llamaship.quantize.torchao_quant import quantize_for_executorch
 from llamaship.targets.executorch_runtime import PteModule, generate
+from tests.quant import TINY_SCHEME, packed_model
 from tests.steps import eager_steps, run_steps
 
 
@@ -29,9 +29,9 @@ def test_fp32_pte_matches_module(tiny_ckpt, tiny_fp32_pte):
         assert (g - r).abs().max().item() <= 1e-4
 
 
-def test_quantized_pte_matches_quantized_module(tiny_ckpt, tiny_q_pte):
+def test_quantized_pte_matches_quantized_module(tiny_ckpt, tiny_q_pte, tiny_codes):
     got = run_steps(PteModule(tiny_q_pte).forward)
-    qmodel = quantize_for_executorch(build_model(tiny_ckpt.spec, tiny_ckpt.state, max_context=128), QuantScheme())
+    qmodel = packed_model(tiny_ckpt.spec, tiny_ckpt.state, tiny_codes, 128, "int8_dynamic")
     ref_q = eager_steps(qmodel)
     ref = eager_steps(build_model(tiny_ckpt.spec, tiny_ckpt.state, max_context=128))
     agree = 0
@@ -54,7 +54,7 @@ def test_runner_metadata(tiny_ckpt, tiny_q_pte):
     assert pte.metadata("get_vocab_size") == tiny_ckpt.spec.vocab_size
 
 
-def test_runner_generates_with_stats(tiny_ckpt, tiny_q_pte, tmp_path):
+def test_runner_generates_with_stats(tiny_ckpt, tiny_q_pte, tiny_codes, tmp_path):
     tok = tiny_ckpt.tokenizer.write_runner_file(tmp_path)
     prompt = "The tower is tall"
     gen = generate(tiny_q_pte, tok, prompt, max_new_tokens=8)
@@ -63,7 +63,7 @@ def test_runner_generates_with_stats(tiny_ckpt, tiny_q_pte, tmp_path):
     # rates are there (a 2-layer toy runs below the runner's 1 ms clock, so they may read 0)
     assert {"inference_start_ms", "inference_end_ms", "model_load_end_ms"} <= gen.stats.keys()
     # greedy generation is what the quantized eager model predicts, token by token
-    qmodel = quantize_for_executorch(build_model(tiny_ckpt.spec, tiny_ckpt.state, max_context=128), QuantScheme())
+    qmodel = packed_model(tiny_ckpt.spec, tiny_ckpt.state, tiny_codes, 128, "int8_dynamic")
     ids = tiny_ckpt.tokenizer.encode(prompt)
     with torch.no_grad():
         first = int(qmodel(torch.tensor([ids]), torch.tensor([0])).argmax())
@@ -87,7 +87,7 @@ def test_asymmetric_is_refused_for_xnnpack(tiny_ckpt, tmp_path):
                    max_context=128, progress=lambda s: None)
 
 
-def test_fast_lowering_writes_the_stock_program(tiny_ckpt, tiny_q_pte, tmp_path, monkeypatch):
+def test_fast_lowering_writes_the_stock_program(tiny_ckpt, tiny_q_pte, tmp_path, monkeypatch, tiny_codes):
     """The lowering skips XNNPACK passes that cannot apply and one whole-program decomposition;
     the stock `XnnpackPartitioner` with every pass must write the very same bytes."""
     import contextlib
@@ -106,7 +106,8 @@ def test_fast_lowering_writes_the_stock_program(tiny_ckpt, tiny_q_pte, tmp_path,
     monkeypatch.setattr(executorch_export, "one_decomposition_partitioner", stock)
     monkeypatch.setattr(executorch_export, "xnnpack_passes_that_apply", contextlib.nullcontext)
     path = tmp_path / "stock.pte"
-    export_pte(tiny_ckpt.spec, tiny_ckpt.state, QuantScheme(), path, max_context=128, progress=lambda s: None)
+    export_pte(tiny_ckpt.spec, tiny_ckpt.state, TINY_SCHEME, path, max_context=128, progress=lambda s: None,
+               quantized=tiny_codes)
     assert path.read_bytes() == tiny_q_pte.read_bytes()
 
 

@@ -11,11 +11,10 @@ import pytest
 import torch.nn.functional as F
 
 from llamaship.export.coreml import describe_quantization
-from llamaship.export.executorch_coreml import export_pte_coreml, extract_program, weight_only
+from llamaship.export.executorch_coreml import export_pte_coreml, extract_program
 from llamaship.export.llama.model import build_model
-from llamaship.quantize.scheme import QuantScheme
-from llamaship.quantize.torchao_quant import quantize_for_executorch
 from llamaship.targets.coreml_runtime import CoreMLPteModule
+from tests.quant import TINY_SCHEME, packed_model
 from tests.steps import DECODE, PROMPT, eager_steps, run_steps
 
 CTX = 64
@@ -30,10 +29,10 @@ def fp16_pte(tmp_path_factory, tiny_ckpt):
 
 
 @pytest.fixture(scope="module")
-def int4_pte(tmp_path_factory, tiny_ckpt):
+def int4_pte(tmp_path_factory, tiny_ckpt, tiny_codes):
     out = tmp_path_factory.mktemp("etcm") / "int4.pte"
-    res = export_pte_coreml(tiny_ckpt.spec, tiny_ckpt.state, QuantScheme(), out, max_context=CTX,
-                            max_seq_len=16, progress=lambda s: None)
+    res = export_pte_coreml(tiny_ckpt.spec, tiny_ckpt.state, TINY_SCHEME, out, max_context=CTX,
+                            max_seq_len=16, progress=lambda s: None, quantized=tiny_codes)
     return out, res
 
 
@@ -57,12 +56,11 @@ def test_fp16_program_matches_module_through_state(tiny_ckpt, fp16_pte):
     assert (module.forward([DECODE[0]], len(PROMPT)) - got[1]).abs().max().item() > 1e-3
 
 
-def test_int4_program_is_the_torchao_quantized_module(tiny_ckpt, int4_pte):
+def test_int4_program_is_the_torchao_quantized_module(tiny_ckpt, int4_pte, tiny_codes):
     """coremltools must carry torchao's int4 groups over unchanged: the program agrees with the
     quantized module (eager, fp32) to fp16 tolerance, and is far from the float module."""
     pte, res = int4_pte
-    quantized = build_model(tiny_ckpt.spec, tiny_ckpt.state, max_context=CTX).eval()
-    quantize_for_executorch(quantized, weight_only(QuantScheme()))
+    quantized = packed_model(tiny_ckpt.spec, tiny_ckpt.state, tiny_codes, CTX, "none").eval()
     want = eager_steps(quantized)
     fp32 = eager_steps(build_model(tiny_ckpt.spec, tiny_ckpt.state, max_context=CTX))
     got = run_steps(CoreMLPteModule(pte).forward)
@@ -79,7 +77,7 @@ def test_int4_program_stores_requested_blocks(tiny_ckpt, int4_pte, tmp_path):
     linear = [w for w in quant["weights"] if w["feeds"] == ["linear"]]
     body = [w for w in linear if w["dtype"] == "int4"]
     assert len(body) == 7 * tiny_ckpt.spec.n_layers
-    assert all(w["block"] == 32 and not w["symmetric"] for w in body)
+    assert all(w["block"] == 32 and w["symmetric"] for w in body)  # the stage's symmetric codes
     head = [w for w in linear if w["dtype"] == "int8"]  # lm_head at 8 bits per row, as the scheme says
     assert len(head) == 1 and head[0]["shape"][0] == tiny_ckpt.spec.vocab_size
     emb = [w for w in quant["weights"] if w["feeds"] == ["gather"]]

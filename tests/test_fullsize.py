@@ -20,7 +20,7 @@ from llamaship.export.llama.load import load_checkpoint
 from llamaship.export.llama.load_hf import our_name
 from llamaship.export.llama.model import build_model
 from llamaship.quantize.scheme import QuantScheme
-from llamaship.quantize.torchao_quant import group_quantizer, quantize_for_executorch
+from tests.quant import TINY_SCHEME, stage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,12 +64,14 @@ def test_nan_in_a_lazy_tensor_names_it(tmp_path, llama2_hf_model):
         build_model(ckpt.spec, ckpt.state, max_context=32)
 
 
-def test_blockwise_quantized_build_equals_quantizing_after(llama3_hf_dir):
-    """The streaming build gives the same model as building in fp32 and quantizing after, and
-    when block i is loaded every earlier block is already quantized."""
+def test_blockwise_packed_build_equals_packing_after(llama3_hf_dir, tmp_path):
+    """The streaming build gives the same model as building in fp32 and packing the codes after,
+    and when block i is loaded every earlier block is already quantized."""
+    from llamaship.quantize.torchao_pack import codes_packer, pack_model
+
     ckpt = load_checkpoint(llama3_hf_dir)
-    scheme = QuantScheme()
-    quantize = group_quantizer(scheme)
+    quantized = stage(ckpt, QuantScheme(), tmp_path)
+    quantize = codes_packer(quantized, "int8_dynamic")
     fp32_groups_alive: list[int] = []
 
     def on_loaded(model, prefix):  # type: ignore[no-untyped-def]
@@ -77,9 +79,9 @@ def test_blockwise_quantized_build_equals_quantizing_after(llama3_hf_dir):
         fp32_groups_alive.append(sum(type(m.weight.data) is torch.Tensor and not m.weight.is_meta
                                      for m in model.modules() if isinstance(m, torch.nn.Linear)))
 
-    streamed = build_model(ckpt.spec, ckpt.state, max_context=64, on_loaded=on_loaded)
+    streamed = build_model(ckpt.spec, quantized.state(ckpt.state), max_context=64, on_loaded=on_loaded)
     assert max(fp32_groups_alive) == 0  # no float linear survives its group's quantization
-    after = quantize_for_executorch(build_model(ckpt.spec, ckpt.state, max_context=64), scheme)
+    after = pack_model(build_model(ckpt.spec, ckpt.state, max_context=64), quantized, "int8_dynamic")
     tokens, pos = torch.tensor([[128000, 791, 6864, 315]]), torch.tensor([0])
     with torch.no_grad():
         assert torch.equal(streamed(tokens, pos), after(tokens, pos))
@@ -101,26 +103,26 @@ def test_llama3_8b_two_layer_slice_exports_and_runs(tmp_path):
     assert not any(tmp_path.glob("llama3-8b-2l-hf*"))  # checkpoint and bundle cleaned up
 
 
-def test_offloaded_export_writes_the_same_program(tmp_path, tiny_ckpt, tiny_q_pte, monkeypatch):
+def test_offloaded_export_writes_the_same_program(tmp_path, tiny_ckpt, tiny_q_pte, tiny_codes, monkeypatch):
     """Quantized values held in memory-mapped files and XNNPACK's packed weights spilled to files
     (what a 7B/8B export does) give the same .pte, and the files are gone afterwards."""
     from executorch.exir._serialize._cord import FileBackedData
 
     from llamaship.export import executorch as executorch_export
     from llamaship.export.executorch import export_pte
-    from llamaship.quantize import torchao_quant
+    from llamaship.quantize import torchao_pack
 
-    monkeypatch.setattr(torchao_quant, "OFFLOAD_MIN_NUMEL", 0)
+    monkeypatch.setattr(torchao_pack, "OFFLOAD_MIN_NUMEL", 0)
     monkeypatch.setattr(executorch_export, "SPILL_MIN_BYTES", 0)
     moved, spilled = [], []
-    real = torchao_quant.offload_qdata
-    monkeypatch.setattr(torchao_quant, "offload_qdata", lambda m, d: moved.append(real(m, d)) or moved[-1])
+    real = torchao_pack.offload_qdata
+    monkeypatch.setattr(torchao_pack, "offload_qdata", lambda m, d: moved.append(real(m, d)) or moved[-1])
     real_init = FileBackedData.__init__
     monkeypatch.setattr(FileBackedData, "__init__",
                         lambda self, path, *a, **k: spilled.append(path) or real_init(self, path, *a, **k))
     out = tmp_path / "off.pte"
-    export_pte(tiny_ckpt.spec, tiny_ckpt.state, QuantScheme(), out, max_context=128, progress=lambda s: None,
-               offload=True)
+    export_pte(tiny_ckpt.spec, tiny_ckpt.state, TINY_SCHEME, out, max_context=128, progress=lambda s: None,
+               offload=True, quantized=tiny_codes)
     assert sum(moved) > 0
     assert len(spilled) >= 2 * 7  # every packed XNNPACK weight went through a file
     assert sum(executorch_export.SHARED_IN_DEEPCOPY) > 0  # the backend's copy shared the mmap'd values

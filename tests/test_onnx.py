@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,6 +18,7 @@ from llamaship.export.llama.model import build_model
 from llamaship.export.onnx import builder_options, describe_quantization, export_onnx
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.targets.onnx_runtime import OnnxModule, generate_text
+from tests.quant import stage
 from tests.steps import eager_steps as module_steps
 from tests.steps import run_steps
 
@@ -67,7 +67,8 @@ def test_llama31_gqa_rope_scaling_fp32_onnx_matches_module(tmp_path, llama3_hf_d
 def test_int4_graph_holds_the_requested_blocks(llama2_meta_ckpt, meta_int4_onnx):
     quant = describe_quantization(meta_int4_onnx / "model.onnx")
     ops = quant["quantized_ops"]
-    layers = ops["MatMulNBits int4 block 32 accuracy_level 4 asymmetric"]  # k_quant: scale + zero point
+    # the stage's symmetric codes: MatMulNBits holds them with the explicit zero point 8
+    layers = ops["MatMulNBits int4 block 32 accuracy_level 4 asymmetric"]
     assert layers["count"] == 2 * 5  # qkv (fused), o, gate, up, down per layer
     assert ops["MatMulNBits int8 block 32 accuracy_level 4 asymmetric"]["examples"] == ["/lm_head/MatMulNBits"]
     assert ops["GatherBlockQuantized int4 block 32 symmetric"]["count"] == 1
@@ -81,64 +82,23 @@ def test_int4_graph_holds_the_requested_blocks(llama2_meta_ckpt, meta_int4_onnx)
         assert (g - r).abs().max().item() > 1e-3  # it really is quantized
 
 
-def quantized_initializers(folder: Path) -> dict[str, list[np.ndarray]]:
-    """Per quantized node (name without the op suffix, which differs between routes): its
-    initializer inputs, flattened."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(folder / "model.onnx"))
-    init = {i.name: numpy_helper.to_array(i, base_dir=str(folder)).ravel() for i in model.graph.initializer}
-    return {n.name.rsplit("/", 1)[0]: [init[x] for x in n.input[1:] if x in init] for n in model.graph.node
-            if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
-
-
-def test_streamed_k_quant_is_byte_identical_to_the_builders(tmp_path, monkeypatch, meta_int4_onnx,
-                                                            llama2_meta_ckpt):
-    """The default route quantizes each weight as it streams out of the checkpoint and hands the
-    builder an olive checkpoint (what keeps 8B within 24 GB); what it stores must be exactly what the
-    builder's own k-quant of the float checkpoint stores."""
-    from llamaship.export import onnx_prequant
-
-    monkeypatch.setattr(onnx_prequant, "supports", lambda *a: False)  # the builder quantizes
-    ours = quantized_initializers(meta_int4_onnx)
-    builders = quantized_initializers(export(llama2_meta_ckpt, tmp_path / "builder", QuantScheme()))
-    assert ours.keys() == builders.keys() and len(ours) == 2 * 5 + 2
-    for name, arrays in ours.items():
-        assert len(arrays) == len(builders[name]) >= 1
-        for a, b in zip(arrays, builders[name], strict=True):
-            assert a.dtype == b.dtype and np.array_equal(a, b), name
-
-
-def k_quant_dequantized(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """onnxruntime's k-quant, unpacked values straight from it: W = (q - zero) * scale. Independent
-    of the packing under test."""
-    from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
-
-    q, scale, zero = quant_tensor_k_quant_cpu(w.float().numpy(), bits, group)
-    return torch.from_numpy(((q - zero) * scale).astype(np.float32).reshape(w.shape))
-
-
-def test_odd_block_count_tied_head_matches_the_dequantized_module(tmp_path, tiny_ckpt):
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_odd_block_count_tied_head_matches_the_dequantized_module(tmp_path, tiny_ckpt, symmetric):
     """Block 64 on K=64 and K=192 leaves an odd number of blocks per row (onnxruntime's own packing
     of zero points fails there); with fp32 activations (accuracy level 1) the graph must compute
-    what the module computes with each weight replaced by its dequantized k-quant value. Tied
-    embeddings: lm_head gets its own int8 copy, the embedding stays float."""
-    scheme = QuantScheme(group_size=64, embedding_bits=0, lm_head_bits=8)
+    what the module computes with each weight replaced by the stage's dequantized codes, zero
+    points included when asymmetric. Tied embeddings: lm_head gets its own int8 copy (per
+    channel, its scale repeated per block), the embedding stays float."""
+    scheme = QuantScheme(group_size=64, embedding_bits=0, lm_head_bits=8, symmetric=symmetric)
+    quantized = stage(tiny_ckpt, scheme, tmp_path / "codes")
     folder = tmp_path / "odd"
     export_onnx(tiny_ckpt.spec, tiny_ckpt.state, tiny_ckpt.tokenizer, scheme, folder, max_context=128,
-                accuracy_level=1, progress=lambda s: None)
+                accuracy_level=1, progress=lambda s: None, quantized=quantized)
     assert set(describe_quantization(folder / "model.onnx")["quantized_ops"]) == {
         "MatMulNBits int4 block 64 accuracy_level 1 asymmetric",
         "MatMulNBits int8 block 64 accuracy_level 1 asymmetric"}
-    state = dict(tiny_ckpt.state)
-    for name, w in tiny_ckpt.state.items():
-        if name.startswith("layers.") and w.dim() == 2:
-            state[name] = k_quant_dequantized(w, 4, 64)
-    emb = tiny_ckpt.state["tok_embeddings.weight"]
-    state["output.weight"] = k_quant_dequantized(emb, 8, 64)
     spec = tiny_ckpt.spec.replace(tied_embeddings=False)
-    ref = module_steps(build_model(spec, state, max_context=128))
+    ref = module_steps(build_model(spec, dict(quantized.state(tiny_ckpt.state)), max_context=128))
     got = run_steps(OnnxModule(folder).forward)
     plain = eager_steps(tiny_ckpt)
     for g, r, p in zip(got, ref, plain, strict=True):
@@ -151,10 +111,10 @@ def test_rtn_block_64(tmp_path, llama2_meta_ckpt, symmetric):
     scheme = QuantScheme(group_size=64, symmetric=symmetric, lm_head_bits=4)
     folder = tmp_path / "r64"
     export_onnx(llama2_meta_ckpt.spec, llama2_meta_ckpt.state, llama2_meta_ckpt.tokenizer, scheme, folder,
-                max_context=128, algorithm="rtn", progress=lambda s: None)
+                max_context=128, progress=lambda s: None)
     ops = describe_quantization(folder / "model.onnx")["quantized_ops"]
     kind = "symmetric" if symmetric else "asymmetric"
-    assert set(ops) == {f"MatMulNBits int4 block 64 accuracy_level 4 {kind}",
+    assert set(ops) == {"MatMulNBits int4 block 64 accuracy_level 4 asymmetric",  # zero points stored
                         f"GatherBlockQuantized int4 block 64 {kind}"}
     got = run_steps(OnnxModule(folder).forward)
     assert all(torch.isfinite(g).all() for g in got)
@@ -221,14 +181,14 @@ def test_genai_tokenizer_llama2_sentencepiece_divergence(meta_fp32_onnx, llama2_
     [
         (QuantScheme(bits=8), "4-bit weights"),
         (QuantScheme(embedding_bits=8), "4-bit embeddings only"),
-        (QuantScheme(), "algorithm 'gptq'"),
+        (QuantScheme(lm_head_bits=0), "--lm-head-bits 8 or 4"),
     ],
 )
 def test_unsupported_onnx_schemes_are_refused(scheme, message):
     from llamaship.errors import UnsupportedError
 
     with pytest.raises(UnsupportedError, match=message):
-        builder_options(scheme, 4, "gptq" if scheme == QuantScheme() else "k_quant")
+        builder_options(scheme, 4)
 
 
 def test_sharded_hf_folder_reaches_the_builder(tmp_path, llama2_meta_ckpt):

@@ -104,8 +104,9 @@ def test_quantized_artifact_passes_and_broken_one_fails(tmp_path, tiny_ckpt, fol
 
 def test_report_files_and_validate_cli(tmp_path, gguf_path, tiny_profile, capsys):
     out = tmp_path / "b"
+    # rtn: the stock gates below must fail for the random toy (its gptq artifact passes them)
     assert main(["export", "--model", str(gguf_path), "--out", str(out), "--max-context", "128",
-                 "--no-smoke", "--no-validate"]) == 0
+                 "--no-smoke", "--no-validate", "--quant-algo", "rtn"]) == 0
     assert not (out / "report.json").exists()
     assert main(["validate", str(out), "--profile", str(tiny_profile), "--eval-tokens", "512"]) == 0
     report = json.loads((out / "report.json").read_text())

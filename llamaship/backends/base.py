@@ -41,6 +41,7 @@ class ExportJob:
     profiles: list[Any]
     options: Mapping[str, Any]
     progress: Progress
+    quantized: Any = None  # llamaship.quantize.checkpoint.QuantizedCheckpoint: the stage's codes
 
 
 @dataclass
@@ -110,6 +111,8 @@ class Backend:
     can_export_in_background: ClassVar[bool] = False
     storage: ClassVar[Storage | None] = None  # how it stores quantized weights: its predicted file size
     packages: ClassVar[tuple[str, ...]] = ()  # the pip packages whose versions the manifest records
+    # how the artifact holds the quantize stage's codes (the manifest's "weights" line)
+    weights: ClassVar[str] = "the quantize stage's codes"
 
     @classmethod
     def add_options(cls, parser: argparse.ArgumentParser) -> None:

@@ -52,8 +52,10 @@ class CoreMLBase(Backend):
 
 class CoreML(CoreMLBase):
     name = "coreml"
-    help = ("stateful .mlpackage, iOS 18 / macOS 15, int4 per-block weights with a zero point, fp16 compute; "
-            "validated on Linux by the MIL reference evaluator")
+    help = ("stateful .mlpackage, iOS 18 / macOS 15, int4 per-block weights (the quantize stage's codes), fp16 "
+            "compute; validated on Linux by the MIL reference evaluator")
+    weights = ("the quantize stage's codes exactly (constexpr_blockwise_shift_scale int4/int8 data, an offset "
+               "only when asymmetric); scales rounded to fp16")
     storage = COREML
     runtime = "Core ML on macOS, else the MIL reference evaluator (NumPy)"
 
@@ -64,11 +66,11 @@ class CoreML(CoreMLBase):
         spec, scheme = job.ckpt.spec, job.scheme
         seq = min(job.max_seq_len, job.max_context)
         res = export_coreml(spec, job.ckpt.state, scheme, job.folder / PACKAGE, max_context=job.max_context,
-                            max_seq_len=seq, progress=job.progress)
+                            max_seq_len=seq, progress=job.progress, quantized=job.quantized)
         entry = {
             "format": self.name, "path": PACKAGE,
-            "scheme": (f"w4-g{scheme.group_size}-asym-emb{res['quantization']['embedding_bits']}-"
-                       f"head{scheme.lm_head_bits}-fp16" if scheme else "fp16"),
+            "scheme": (f"w4-g{scheme.group_size}-{scheme.algorithm}{'' if scheme.symmetric else '-asym'}"
+                       f"-emb{scheme.embedding_bits}-head{scheme.lm_head_bits}-fp16" if scheme else "fp16"),
             "backend": f"Core ML ML program ({MIN_TARGET}+ / macOS 15+, fp16 compute)",
             "max_context": job.max_context, "max_seq_len": seq,
             "inputs": {"input_ids": f"int32 [1, T], 1 <= T <= {seq}",

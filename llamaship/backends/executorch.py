@@ -18,6 +18,8 @@ class ExecuTorch(Backend):
     name = "executorch"
     help = ".pte for ExecuTorch's XNNPACK backend, run here by ExecuTorch's C++ LLM runner"
     packages = ("executorch",)
+    weights = ("the quantize stage's codes exactly (XNNPACK int4 blocks, the lm_head int8 per channel); "
+               "block scales rounded to bf16 by XNNPACK; symmetric schemes only")
     storage = XNNPACK
     runtime = "ExecuTorch's runtime"
     cpu_reference = True
@@ -44,7 +46,7 @@ class ExecuTorch(Backend):
 
         seq = min(job.max_seq_len, job.max_context)
         t = export_pte(job.ckpt.spec, job.ckpt.state, job.scheme, job.folder / PTE, max_context=job.max_context,
-                       max_seq_len=seq, progress=job.progress)
+                       max_seq_len=seq, progress=job.progress, quantized=job.quantized)
         return Exported(self._entry(job, seq), t)
 
     def export_in_background(self, job: ExportJob, stack: Any) -> Exported:
@@ -54,7 +56,8 @@ class ExecuTorch(Backend):
         seq = min(job.max_seq_len, job.max_context)
         child = stack.enter_context(BackgroundPteExport(job.ckpt.source, job.scheme, job.folder / PTE,
                                                         max_context=job.max_context, max_seq_len=seq,
-                                                        progress=job.progress))
+                                                        progress=job.progress,
+                                                        quantized=job.quantized and job.quantized.folder))
         return Exported(self._entry(job, seq), wait=child.wait)
 
     def load_module(self, folder: Path, art: Mapping[str, Any]) -> Module:

@@ -17,6 +17,8 @@ class ExecuTorchCoreML(CoreMLBase):
     help = ("model_coreml.pte: the ExecuTorch Core ML delegate, one Core ML program with the KV cache as "
             "state, driven like the XNNPACK .pte; int4 weight-only groups, fp16; needs an ExecuTorch build "
             "with Core ML state support; validated through its extracted program")
+    weights = ("the quantize stage's codes exactly (torchao int4 groups carried into constexpr_blockwise_shift_scale); "
+               "scales rounded to fp16")
     storage = dataclasses.replace(COREML, measured=False)  # torchao's int4 groups, as the .mlpackage stores them
     runtime = ("its Core ML program (extracted from the .pte) on Core ML on macOS, else the MIL reference "
                "evaluator (NumPy)")
@@ -28,7 +30,7 @@ class ExecuTorchCoreML(CoreMLBase):
         spec = job.ckpt.spec
         seq = min(job.max_seq_len, job.max_context - 1)
         res = export_pte_coreml(spec, job.ckpt.state, job.scheme, job.folder / PTE, max_context=job.max_context,
-                                max_seq_len=seq, progress=job.progress)
+                                max_seq_len=seq, progress=job.progress, quantized=job.quantized)
         entry = {
             "format": self.name, "path": PTE, "scheme": scheme_name(job.scheme),
             "backend": f"ExecuTorch Core ML delegate (one Core ML program, {MIN_TARGET}+ / macOS 15+, "

@@ -22,47 +22,44 @@ class Onnx(Backend):
     help = ("onnxruntime-genai folder: model.onnx + external data + genai_config.json, run here by "
             "onnxruntime and onnxruntime-genai")
     packages = ("onnx", "onnxruntime", "onnxruntime-genai")
+    weights = ("the quantize stage's codes exactly, as unsigned nibbles q + 8 with explicit zero points (8 for "
+               "symmetric blocks) and fp32 scales; an int8 per-channel lm_head is stored per block, its scale repeated")
     storage = MATMULNBITS
     runtime = "onnxruntime (CPU EP)"
     disk_factor = 1.4  # fp32 scales and zero points
 
     @classmethod
     def add_options(cls, parser: argparse.ArgumentParser) -> None:
-        from llamaship.export.onnx import ACCURACY_LEVELS, ALGORITHMS, DEFAULT_ACCURACY_LEVEL, DEFAULT_ALGORITHM
+        from llamaship.export.onnx import ACCURACY_LEVELS, DEFAULT_ACCURACY_LEVEL
 
         levels = ", ".join(f"{k} = {ACCURACY_LEVEL_HELP.get(k, v)}" for k, v in sorted(ACCURACY_LEVELS.items(),
                                                                                         reverse=True))
         parser.add_argument("--onnx-accuracy-level", type=int, default=DEFAULT_ACCURACY_LEVEL,
                             choices=sorted(ACCURACY_LEVELS),
                             help=f"onnx: compute type of MatMulNBits activations: {levels}")
-        parser.add_argument("--onnx-algorithm", choices=list(ALGORITHMS), default=DEFAULT_ALGORITHM,
-                            help="onnx: how int4 weights are rounded: k_quant (default; llama.cpp-style search "
-                            "for each block's scale and zero point, always asymmetric) or rtn (onnxruntime's "
-                            "round-to-nearest, symmetric unless --asymmetric)")
 
     @staticmethod
-    def _options(options: Mapping[str, Any]) -> tuple[int, str]:
-        from llamaship.export.onnx import DEFAULT_ACCURACY_LEVEL, DEFAULT_ALGORITHM
+    def _level(options: Mapping[str, Any]) -> int:
+        from llamaship.export.onnx import DEFAULT_ACCURACY_LEVEL
 
-        return (int(options.get("onnx_accuracy_level", DEFAULT_ACCURACY_LEVEL)),
-                str(options.get("onnx_algorithm", DEFAULT_ALGORITHM)))
+        return int(options.get("onnx_accuracy_level", DEFAULT_ACCURACY_LEVEL))
 
     def check(self, scheme: QuantScheme | None, options: Mapping[str, Any]) -> None:
         from llamaship.export.onnx import builder_options
 
-        builder_options(scheme, *self._options(options))
+        builder_options(scheme, self._level(options))
 
     def export(self, job: ExportJob) -> Exported:
         from llamaship.export.onnx import export_onnx, scheme_name
 
-        level, algorithm = self._options(job.options)
+        level = self._level(job.options)
         spec = job.ckpt.spec
         res = export_onnx(spec, job.ckpt.state, job.ckpt.tokenizer, job.scheme, job.folder / FOLDER,
-                          max_context=job.max_context, accuracy_level=level, algorithm=algorithm,
-                          progress=job.progress)
+                          max_context=job.max_context, accuracy_level=level, progress=job.progress,
+                          quantized=job.quantized)
         entry = {
             "format": self.name, "path": f"{FOLDER}/model.onnx", "folder": FOLDER,
-            "scheme": scheme_name(job.scheme, level, algorithm),
+            "scheme": scheme_name(job.scheme, level),
             "backend": "onnxruntime CPU (onnxruntime-genai config)", "max_context": job.max_context,
             "max_seq_len": job.max_context,  # prefill takes the whole prompt in one call
             "external_data": f"{FOLDER}/model.onnx.data", "genai_config": f"{FOLDER}/genai_config.json",

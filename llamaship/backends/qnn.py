@@ -35,6 +35,8 @@ class Qnn(Backend):
     help = ("Snapdragon NPU: qnn/model_ctx.onnx + its QNN context binary for the profile's soc_model, w4a16: "
             "4-bit LPBQ weights, 16-bit activations calibrated on WikiText-2 validation text; validated on the "
             "QNN HTP simulator of onnxruntime-qnn, Linux x86_64 only")
+    weights = ("LPBQ derived from the quantize stage's codes (4-bit block scales x an fp32 scale per channel); "
+               "quantization.lpbq_vs_stage_codes says how many codes it keeps and its error against them")
     storage = LPBQ
     runtime = "onnxruntime-qnn on the QNN HTP backend (its x86_64 simulator here)"
     disk_factor = 1.2
@@ -61,7 +63,8 @@ class Qnn(Backend):
         assert job.scheme is not None  # check() refused fp32
         soc_model, htp_arch = qnn_target(job.profiles)
         res = export_qnn(job.ckpt.spec, job.ckpt.state, job.ckpt.tokenizer, job.scheme, job.folder / FOLDER,
-                         max_context=job.max_context, soc_model=soc_model, progress=job.progress)
+                         max_context=job.max_context, soc_model=soc_model, progress=job.progress,
+                         quantized=job.quantized)
         cfg = res["config"]
         entry = {
             "format": self.name, "path": f"{FOLDER}/{cfg['model']}", "folder": FOLDER,
