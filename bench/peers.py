@@ -216,7 +216,8 @@ def main() -> int:
         print("  building the onnxruntime-genai builder int4 graph (its defaults)", flush=True)
         hf = write_hf_folder(ckpt.spec.replace(max_context=2048), ckpt.state, ckpt.tokenizer, work / "hf")
         run_builder(hf, builder, "int4", {}, work / "builder.log", work / "cache")
-    for name, folder in (("llamaship onnx (w4 g32 k_quant, emb4, head8)", onnx_ours),
+    algo = json.loads((bundle / "manifest.json").read_text())["quant"].get("algorithm", "rtn")
+    for name, folder in ((f"llamaship onnx (w4 g32 {algo}, emb4, head8)", onnx_ours),
                          ("onnxruntime-genai builder int4 (defaults)", builder)):
         if folder.is_dir():
             peers[name] = (onnx_bytes(folder), onnx_peer(folder))

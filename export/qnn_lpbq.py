@@ -65,7 +65,7 @@ def lpbq_distance(codes: np.ndarray, scales: np.ndarray, group: int) -> dict[str
     stage = codes.reshape(n, k // group, group) * scales[:, :, None]
     lp = (q.T.reshape(n, k // group, group) * (scale_q.T.astype(np.float64) * channel[:, None])[:, :, None])
     return {"codes_kept": float((q.T == codes).mean()),
-            "relative_error": float(np.linalg.norm(lp - stage) / max(np.linalg.norm(stage), 1e-30))}
+            "relative_error": float(np.linalg.norm(lp - stage)) / max(float(np.linalg.norm(stage)), 1e-30)}
 
 
 def _int4_tensor(name: str, values: np.ndarray) -> TensorProto:

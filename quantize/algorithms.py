@@ -91,20 +91,20 @@ class GPTQ(Algorithm):
             raise ValueError("gptq needs the input Hessian")
         w = w.float().clone()
         out, k = w.shape
-        h = hessian.double().clone()
+        h = hessian.to(w.device).double().clone()
         dead = torch.diag(h) == 0
         h[dead, dead] = 1
         w[:, dead] = 0
         h.diagonal().add_(GPTQ_DAMP * torch.diag(h).mean())
         # upper Cholesky factor of H^-1: row i holds what column i's error does to later columns
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
-        n_groups = k // group_size
-        scales = torch.empty(out, n_groups)
-        zeros = None if symmetric else torch.empty(out, n_groups, dtype=torch.int8)
-        codes = torch.empty(out, k, dtype=torch.int8)
+        n_groups, dev = k // group_size, w.device
+        scales = torch.empty(out, n_groups, device=dev)
+        zeros = None if symmetric else torch.empty(out, n_groups, dtype=torch.int8, device=dev)
+        codes = torch.empty(out, k, dtype=torch.int8, device=dev)
         for b0 in range(0, k, GPTQ_BLOCK):
             b1 = min(b0 + GPTQ_BLOCK, k)
-            wb, err = w[:, b0:b1].clone(), torch.zeros(out, b1 - b0)
+            wb, err = w[:, b0:b1].clone(), torch.zeros(out, b1 - b0, device=dev)
             for j in range(b1 - b0):
                 col = b0 + j
                 g = col // group_size

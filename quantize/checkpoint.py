@@ -44,7 +44,7 @@ class QuantizedCheckpoint:
             self.record["matrices"][name] = {"bits": qt.bits, "group_size": qt.group_size,
                                              "symmetric": qt.symmetric, "shape": list(qt.shape)}
         for name, t in floats.items():
-            tensors[name] = t.float().contiguous()
+            tensors[name] = t.float().cpu().contiguous()
             self.record["floats"].append(name)
         if tensors:
             save_file(tensors, str(self.folder / f"{group}.safetensors"))

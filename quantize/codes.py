@@ -49,9 +49,9 @@ class QTensor:
         return ((q - z) * self.scales.unsqueeze(-1)).view(out, k)
 
     def to_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        parts = {f"{name}.codes": self.codes.contiguous(), f"{name}.scales": self.scales.contiguous()}
+        parts = {f"{name}.codes": self.codes.cpu().contiguous(), f"{name}.scales": self.scales.cpu().contiguous()}
         if self.zeros is not None:
-            parts[f"{name}.zeros"] = self.zeros.contiguous()
+            parts[f"{name}.zeros"] = self.zeros.cpu().contiguous()
         return parts
 
 
@@ -82,7 +82,7 @@ def clipped_params(w: torch.Tensor, bits: int, symmetric: bool,
     reference GPTQ's `mse` option does the same search."""
     best_scale, best_zero = minmax_params(w, bits, symmetric)
     best_err = torch.full_like(best_scale, float("inf"))
-    imp = importance if importance is not None else torch.ones(w.shape[-1])
+    imp = importance if importance is not None else torch.ones(w.shape[-1], device=w.device)
     for shrink in CLIP_GRID:
         scale, zero = minmax_params(w * shrink, bits, symmetric)
         q = encode(w, scale, zero, bits).float()

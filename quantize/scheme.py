@@ -1,4 +1,5 @@
-"""QuantScheme: the one 4-bit group quantization description every format applies its own way."""
+"""QuantScheme: the one 4-bit group quantization description; the quantize stage computes its codes
+once for every format."""
 
 from __future__ import annotations
 
@@ -19,7 +20,11 @@ class QuantScheme:
     fp32) is separate because the output projection is the most error-sensitive matrix: on
     SmolLM2-135M, 4-bit lm_head alone costs KL 0.13 vs fp32 and 8-bit almost nothing, the same
     reason llama.cpp's Q4_K_M keeps output.weight at 6 bits. 8-bit linear weights are per output
-    channel, not per group: XNNPACK's dynamically quantized GEMMs support groups only at 4 bits."""
+    channel, not per group: XNNPACK's dynamically quantized GEMMs support groups only at 4 bits.
+    `algorithm` (quantize/algorithms.py) says how the quantize stage picks the codes and
+    `calibration_tokens` how much WikiText-2 validation text the calibrated ones read; `name` is
+    the storage layout only (what `fit` sizes), so the manifest records the algorithm beside it.
+    The dataclass default is `rtn` (no data needed); the CLI defaults to the measured best."""
 
     bits: int = 4
     group_size: int = 32

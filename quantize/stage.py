@@ -74,11 +74,11 @@ def matrix_names(spec: ModelSpec) -> list[str]:
 
 
 class _Block:
-    """One block's fp32 weights by short name ("attention.wq"), norms included."""
+    """One block's fp32 weights by short name ("attention.wq"), norms included, on `device`."""
 
-    def __init__(self, state: Mapping[str, torch.Tensor], i: int) -> None:
+    def __init__(self, state: Mapping[str, torch.Tensor], i: int, device: torch.device) -> None:
         p = f"layers.{i}."
-        self.w = {m: state[p + m + ".weight"].float() for m in
+        self.w = {m: state[p + m + ".weight"].to(device=device, dtype=torch.float32) for m in
                   (*ATTENTION, "attention.wo", *FFN_IN, "feed_forward.w2", "attention_norm", "ffn_norm")}
 
 
@@ -99,6 +99,9 @@ class Stage:
         self.spec, self.state, self.scheme, self.out, self.progress = spec, state, scheme, out, progress
         self.algo: Algorithm = algorithms.get(scheme.algorithm)
         self.algo.check(scheme.symmetric)
+        # calibration runs on a CUDA device when one is present (never on this project's CI: the
+        # CPU wheel of torch is installed there); the codes are the same kind either way
+        self.device = torch.device("cuda" if self.algo.calibrated and torch.cuda.is_available() else "cpu")
 
     def round(self, w: torch.Tensor, bits: int, group: int, h: torch.Tensor | None) -> QTensor:
         if bits == 8:  # 8-bit matrices are per output channel (what XNNPACK's int8 GEMM takes)
@@ -127,14 +130,16 @@ class Stage:
         w = self.state["output.weight"] if "output.weight" in self.state else self.state["tok_embeddings.weight"]
         h = None
         if x is not None:
-            h = hessian(rms(x, self.state["norm.weight"].float(), self.spec.norm_eps))
+            h = hessian(rms(x, self.state["norm.weight"].to(x.device, torch.float32), self.spec.norm_eps))
         self.progress(f"quantize: lm_head, {self.scheme.lm_head_bits}-bit per channel")
-        self.out.write_group("output", {"output.weight": self.round(w.float(), self.scheme.lm_head_bits,
+        self.out.write_group("output", {"output.weight": self.round(w.to(self.device, torch.float32),
+                                                                    self.scheme.lm_head_bits,
                                                                     self.scheme.group_size, h)}, {})
 
     def block(self, i: int, x: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
         """Quantize block i; with calibration activations `x` [n, T, dim], return its quantized output."""
-        b, bits, g, eps = _Block(self.state, i), self.scheme.bits, self.scheme.group_size, self.spec.norm_eps
+        b, bits, g = _Block(self.state, i, self.device), self.scheme.bits, self.scheme.group_size
+        eps = self.spec.norm_eps
         q: dict[str, QTensor] = {}
         floats: dict[str, torch.Tensor] = {}
         if x is None:
@@ -207,9 +212,12 @@ def quantize_checkpoint(
     emb = stage.embedding()
     x = cos = sin = None
     if calib is not None:
-        x = emb[calib.tokens]
+        if stage.device.type == "cuda":
+            progress(f"quantize: calibrating on {torch.cuda.get_device_name(stage.device)} (CUDA)")
+        x = emb[calib.tokens].to(stage.device)
         freqs = torch.outer(torch.arange(calib.tokens.shape[1], dtype=torch.float32), rope_inv_freq(spec))
-        cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
+        angles = torch.cat((freqs, freqs), -1).to(stage.device)
+        cos, sin = angles.cos(), angles.sin()
     del emb
     label = f"quantize ({scheme.algorithm}" + (f", {calib.tokens.numel()} calibration tokens)" if calib else ")")
     for i in range(spec.n_layers):
