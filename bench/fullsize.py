@@ -149,7 +149,7 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
-FORMAT_NAMES = {"executorch": ".pte 8da4w, emb4, head8", "onnx": "ONNX w4 k-quant, emb4, head8",
+FORMAT_NAMES = {"executorch": ".pte 8da4w, emb4, head8", "onnx": "ONNX w4, emb4, head8",
                 "coreml": ".mlpackage int4 asym, emb4, head8", "executorch_coreml": "Core ML delegate .pte"}
 
 
@@ -186,6 +186,7 @@ def main() -> int:
     ap.add_argument("--group-size", action="append", type=int, choices=[32, 64, 128, 256],
                     help="repeatable (default: 32)")
     ap.add_argument("--layers", type=int, default=None, help="keep only the first N blocks (a slice)")
+    ap.add_argument("--quant-algo", default=None, help="the quantize stage's algorithm (default: the CLI's)")
     ap.add_argument("--max-context", type=int, default=2048)
     ap.add_argument("--work", default="/tmp/llamaship-fullsize", help="where checkpoints and bundles go")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and bundles")
@@ -214,7 +215,8 @@ def main() -> int:
             cmd = [sys.executable, "-m", "llamaship.cli", "export", "--model", str(ckpt), "--out", str(bundle),
                    "--format", fmt, "--group-size", str(group), "--max-context", str(args.max_context),
                    "--no-validate", "--ignore-fit", "--prompt", "The capital of France is",
-                   "--smoke-tokens", str(SMOKE_TOKENS.get(fmt, 32))]
+                   "--smoke-tokens", str(SMOKE_TOKENS.get(fmt, 32)),
+                   *(["--quant-algo", args.quant_algo] if args.quant_algo else [])]
             print("$", " ".join(cmd), flush=True)
             t = time.perf_counter()
             proc = subprocess.Popen(cmd)
