@@ -94,6 +94,8 @@ def quantized_embedding(model_path: Path, qt: QTensor) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    from llamaship.export.qnn_lpbq import int4_tensor
+
     model = onnx.load(str(model_path))  # external data into memory: the file is rewritten below
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -103,12 +105,12 @@ def quantized_embedding(model_path: Path, qt: QTensor) -> None:
     if tuple(table.dims) != qt.shape:
         raise ValueError(f"embedding {table.name} is {list(table.dims)}, the codes are {list(qt.shape)}")
     if qt.symmetric:
-        data = _nibbles(qt.codes.numpy(), TensorProto.INT4, table.name + "_Q4")
+        data = int4_tensor(table.name + "_Q4", qt.codes.numpy())
         extra: list[TensorProto] = []
     else:
         u, _, z = unsigned(qt, qt.group_size)
-        data = _nibbles(u, TensorProto.UINT4, table.name + "_Q4")
-        extra = [_nibbles(z, TensorProto.UINT4, table.name + "_zero_points")]
+        data = int4_tensor(table.name + "_Q4", u, TensorProto.UINT4)
+        extra = [int4_tensor(table.name + "_zero_points", z, TensorProto.UINT4)]
     scales = numpy_helper.from_array(qt.scales.float().numpy(), table.name + "_scales")
     axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
     new = helper.make_node("GatherBlockQuantized", [data.name, node.input[1], scales.name, *(e.name for e in extra)],
@@ -125,20 +127,6 @@ def quantized_embedding(model_path: Path, qt: QTensor) -> None:
     ext.unlink(missing_ok=True)  # onnx appends to an existing external data file
     onnx.save_model(model, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=ext.name, size_threshold=1024)
-
-
-def _nibbles(values: np.ndarray, dtype: int, name: str) -> Any:
-    """A 4-bit initializer: two values per byte, low nibble first (ONNX's packing)."""
-    from onnx import TensorProto
-
-    flat = (values.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
-    if flat.size % 2:
-        flat = np.append(flat, np.uint8(0))
-    t = TensorProto()
-    t.name, t.data_type = name, dtype
-    t.dims.extend(values.shape)
-    t.raw_data = (flat[0::2] | (flat[1::2] << 4)).tobytes()
-    return t
 
 
 def _shape(state: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:

@@ -167,7 +167,7 @@ def quantize_w4a16(float_model: Path, qdq_model: Path, feeds: Iterator[dict[str,
                 qt = quantized.get(state_name(block_linears.get(w)))
                 codes, scales = qt.codes.numpy(), qt.scales.numpy()
                 source = lpbq_from_codes(codes, scales, scheme.group_size)
-                for key, v in lpbq_distance(codes, scales, scheme.group_size).items():
+                for key, v in lpbq_distance(codes, scales, scheme.group_size, source).items():
                     distance.setdefault(key, []).append(v)
             new_nodes, new_inits = lpbq_nodes(prefix, source, scheme.group_size, node.output[0])
             nodes += new_nodes

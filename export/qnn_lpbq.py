@@ -57,10 +57,11 @@ def lpbq_from_codes(codes: np.ndarray, scales: np.ndarray, group: int) -> tuple[
     return np.ascontiguousarray(q.T), np.ascontiguousarray(scale_q.T), channel.astype(np.float32)
 
 
-def lpbq_distance(codes: np.ndarray, scales: np.ndarray, group: int) -> dict[str, float]:
-    """How far LPBQ stays from the stage's result: the share of codes kept and the relative
-    error of the LPBQ weight against the stage's dequantized weight."""
-    q, scale_q, channel = lpbq_from_codes(codes, scales, group)
+def lpbq_distance(codes: np.ndarray, scales: np.ndarray, group: int,
+                  lpbq: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, float]:
+    """How far LPBQ (`lpbq_from_codes`'s result) stays from the stage's codes and scales: the
+    share of codes kept and the relative error of the LPBQ weight against the stage's weight."""
+    q, scale_q, channel = lpbq
     n, k = codes.shape
     stage = codes.reshape(n, k // group, group) * scales[:, :, None]
     lp = (q.T.reshape(n, k // group, group) * (scale_q.T.astype(np.float64) * channel[:, None])[:, :, None])
@@ -68,16 +69,16 @@ def lpbq_distance(codes: np.ndarray, scales: np.ndarray, group: int) -> dict[str
             "relative_error": float(np.linalg.norm(lp - stage)) / max(float(np.linalg.norm(stage)), 1e-30)}
 
 
-def _int4_tensor(name: str, values: np.ndarray) -> TensorProto:
-    """An INT4 initializer: two values per byte, low nibble first (ONNX's packing)."""
-    flat = (values.reshape(-1).astype(np.int8) & 0x0F).astype(np.uint8)
+def int4_tensor(name: str, values: np.ndarray, dtype: int = TensorProto.INT4) -> TensorProto:
+    """A 4-bit initializer (INT4, or UINT4 for values already offset): two values per byte, low
+    nibble first (ONNX's packing)."""
+    flat = (values.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
     if flat.size % 2:
         flat = np.append(flat, np.uint8(0))
-    packed = flat[0::2] | (flat[1::2] << 4)
     t = TensorProto()
-    t.name, t.data_type = name, TensorProto.INT4
+    t.name, t.data_type = name, dtype
     t.dims.extend(values.shape)
-    t.raw_data = packed.tobytes()
+    t.raw_data = (flat[0::2] | (flat[1::2] << 4)).tobytes()
     return t
 
 
@@ -91,8 +92,8 @@ def lpbq_nodes(prefix: str, w: np.ndarray | tuple[np.ndarray, np.ndarray, np.nda
         numpy_helper.from_array(scale_q, f"{prefix}_lpbq_scale_q"),
         numpy_helper.from_array(channel, f"{prefix}_lpbq_channel_scale"),
         numpy_helper.from_array(np.zeros(n, np.uint8), f"{prefix}_lpbq_scale_zero"),
-        _int4_tensor(f"{prefix}_lpbq_weight", q),
-        _int4_tensor(f"{prefix}_lpbq_weight_zero", np.zeros((k // block, n), np.int8)),
+        int4_tensor(f"{prefix}_lpbq_weight", q),
+        int4_tensor(f"{prefix}_lpbq_weight_zero", np.zeros((k // block, n), np.int8)),
     ]
     nodes = [
         helper.make_node("DequantizeLinear", [i.name for i in inits[:3]], [f"{prefix}_lpbq_block_scale"],

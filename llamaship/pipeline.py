@@ -131,16 +131,11 @@ def run_quantize_stage(ckpt: Any, scheme: QuantScheme | None, parent: Path, stac
                        progress: Callable[[str], None]) -> Any:
     """The codes every format packs, computed once (llamaship.quantize.stage) into a work folder
     that lives as long as `stack`."""
-    import shutil
-
-    from llamaship.bundle import work_dir
-    from llamaship.quantize.stage import quantize_checkpoint
+    from llamaship.quantize.stage import stage_output
 
     if scheme is None:
         return None
-    folder = work_dir(parent, "llamaship-quant")
-    stack.callback(shutil.rmtree, folder, True)
-    return quantize_checkpoint(ckpt.spec, ckpt.state, ckpt.tokenizer, scheme, folder, progress)
+    return stack.enter_context(stage_output(ckpt.spec, ckpt.state, scheme, None, parent, progress, ckpt.tokenizer))
 
 
 def default_formats(profiles: list[Any]) -> tuple[str, ...]:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from llamaship.bundle import work_dir
 from llamaship.data import CALIB_FILE, data_file
 from llamaship.errors import DataError, UnsupportedError
-from llamaship.export.llama.model import apply_rope, rope_inv_freq
+from llamaship.export.llama.model import apply_rope, position_tables
 from llamaship.export.llama.spec import ModelSpec
 from llamaship.export.llama.tokenizer import Tokenizer
 from llamaship.progress import advance
@@ -215,9 +215,7 @@ def quantize_checkpoint(
         if stage.device.type == "cuda":
             progress(f"quantize: calibrating on {torch.cuda.get_device_name(stage.device)} (CUDA)")
         x = emb[calib.tokens].to(stage.device)
-        freqs = torch.outer(torch.arange(calib.tokens.shape[1], dtype=torch.float32), rope_inv_freq(spec))
-        angles = torch.cat((freqs, freqs), -1).to(stage.device)
-        cos, sin = angles.cos(), angles.sin()
+        cos, sin = (t.to(stage.device) for t in position_tables(spec, calib.tokens.shape[1]))
     del emb
     label = f"quantize ({scheme.algorithm}" + (f", {calib.tokens.numel()} calibration tokens)" if calib else ")")
     for i in range(spec.n_layers):

@@ -163,7 +163,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(spec, self.max_context, impl) for _ in range(spec.n_layers))
         self.norm = RMSNorm(spec.dim, spec.norm_eps, mean_by_gemm=impl == "executorch")
         self.output = nn.Linear(spec.dim, spec.vocab_size, bias=False)
-        cos, sin = _position_tables(spec, self.max_context)
+        cos, sin = position_tables(spec, self.max_context)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -223,7 +223,7 @@ class Llama(nn.Module):
                 on_loaded(self, prefix)
 
 
-def _position_tables(spec: ModelSpec, max_context: int) -> tuple[torch.Tensor, ...]:
+def position_tables(spec: ModelSpec, max_context: int) -> tuple[torch.Tensor, ...]:
     freqs = torch.outer(torch.arange(max_context, dtype=torch.float32), rope_inv_freq(spec))
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
@@ -241,7 +241,7 @@ def build_model(
     them (so a large model is never allocated twice); buffers are made here."""
     with torch.device("meta"):
         model = Llama(spec, max_context=max_context, impl=impl, full_logits=full_logits)
-    model.rope_cos, model.rope_sin = _position_tables(spec, model.max_context)
+    model.rope_cos, model.rope_sin = position_tables(spec, model.max_context)
     for norm in model.modules():
         if isinstance(norm, RMSNorm) and norm.mean_by_gemm:
             norm.mean_weight = torch.full((1, spec.dim), 1.0 / spec.dim)
