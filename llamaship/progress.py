@@ -14,13 +14,14 @@ Progress = Callable[[str], None]
 LINE_EVERY_S = 10.0  # without a live display (a log file, CI): one line per counted step this often
 
 
-def advance(progress: Progress, label: str, done: int, total: int) -> None:
-    """`done` of `total` units of the step `label` are finished."""
+def advance(progress: Progress, label: str, done: int, total: int, note: str = "") -> None:
+    """`done` of `total` units of the step `label` are finished; `note` (a rate, say) is shown
+    beside the count."""
     counter = getattr(progress, "advance", None)
     if callable(counter):
-        counter(label, done, total)
+        counter(label, done, total, note)
     elif done == total or done == 1:
-        progress(f"{label}: {done}/{total}")
+        progress(f"{label}: {done}/{total}" + (f" ({note})" if note else ""))
 
 
 def natural_key(name: str) -> list[Any]:
@@ -67,13 +68,14 @@ class Reporter:
                 self.bars.remove_task(self.step)
             self.step = self.bars.add_task(message[:70], total=None, count="", eta="")
 
-    def advance(self, label: str, done: int, total: int) -> None:
+    def advance(self, label: str, done: int, total: int, note: str = "") -> None:
         self.check()
+        suffix = f" ({note})" if note else ""
         if not self.live:
             now = time.perf_counter()
             if done in (1, total) or now - self.last_line.get(label, 0.0) >= LINE_EVERY_S:
                 self.last_line[label] = now
-                self.console.print(f"[{now - self.start:6.1f}s] {label}: {done}/{total}", markup=False)
+                self.console.print(f"[{now - self.start:6.1f}s] {label}: {done}/{total}{suffix}", markup=False)
             return
         task = self.counted.get(label)
         if task is None:
@@ -81,11 +83,11 @@ class Reporter:
                 self.bars.remove_task(self.step)
                 self.step = None
             task = self.counted[label] = self.bars.add_task(label, total=total, count="", eta="")
-        self.bars.update(task, completed=done, total=total, count=f"{done}/{total}")
+        self.bars.update(task, completed=done, total=total, count=f"{done}/{total}{suffix}")
         remaining = self.bars.tasks[self.bars.task_ids.index(task)].time_remaining
         self.bars.update(task, eta=f"ETA {remaining:.0f}s" if remaining is not None else "")
         if done >= total:
             self.bars.remove_task(task)
             del self.counted[label]
-            self.console.print(f"[{time.perf_counter() - self.start:6.1f}s] {label}: {total}/{total} done",
+            self.console.print(f"[{time.perf_counter() - self.start:6.1f}s] {label}: {total}/{total} done{suffix}",
                                markup=False)

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -215,15 +216,18 @@ def evaluate_stepwise(
     token, so the KV cache path is what gets measured."""
     acc = _Accumulator()
     s = eval_slice.first_scored
+    start, calls = time.perf_counter(), 0
     for w, window in enumerate(eval_slice.windows()):
         rows = []
         for pos in range(eval_slice.window - 1):
             logits = step([window[pos]], pos)
             if pos >= s:
                 rows.append(logits.reshape(-1))
+        calls += eval_slice.window - 1
         targets = torch.tensor(window[s + 1 :])
         acc.add(torch.stack(rows), torch.from_numpy(np.array(reference[w], dtype=np.float32)), targets)
-        advance(progress, "artifact windows", w + 1, eval_slice.n_windows)
+        rate = calls / max(time.perf_counter() - start, 1e-9)
+        advance(progress, "artifact windows", w + 1, eval_slice.n_windows, f"{rate:.1f} tok/s")
     return acc.result(eval_slice)
 
 

@@ -24,12 +24,15 @@ def on_macos() -> bool:
 
 def runtime_name() -> str:
     return ("Core ML (MLModel.predict, this Mac)" if on_macos()
-            else "MIL reference evaluator (NumPy, fp16 tensors; no Core ML runtime on Linux)")
+            else "MIL reference evaluator (the program compiled to torch CPU calls, fp16 tensors; "
+                 "no Core ML runtime on Linux)")
 
 
 # The evaluator holds the program's weights unpacked plus its dequantized-weight cache: Llama 3 8B
-# (4.8 GB of weights in the package) was OOM-killed at 22.4 GiB on a 24 GB machine, i.e. more than
-# 4.5 bytes per stored byte; SmolLM2 (91 MB) needs well under 1 GB.
+# (4.8 GB of weights in the package) was OOM-killed at 22.4 GiB on a 24 GB machine with the
+# interpreter's fp32 cache, i.e. more than 4.5 bytes per stored byte. The compiled plan keeps fp16
+# (SmolLM2 int4: +634 MB for 105 MB stored, fp16: +649 MB for 270 MB); the factor stays until an 8B
+# program has been measured through it.
 EVALUATOR_BYTES_PER_WEIGHT_BYTE = 5
 
 
@@ -51,7 +54,7 @@ def check_evaluator_memory(package: Path) -> None:
 class CoreMLModule:
     """The program's forward with its KV-cache state; positions come from the mask width."""
 
-    def __init__(self, package: Path) -> None:
+    def __init__(self, package: Path, engine: str = "plan") -> None:
         self.package = Path(package)
         self._mlmodel: Any = None
         self._state: Any = None
@@ -67,7 +70,7 @@ class CoreMLModule:
             from llamaship.runtime.mil_eval import MilModel
 
             check_evaluator_memory(self.package)
-            self._eval = MilModel(self.package)
+            self._eval = MilModel(self.package, engine=engine)
 
     def reset(self) -> None:
         if self._mlmodel is not None:  # pragma: no cover
@@ -95,11 +98,11 @@ class CoreMLPteModule(CoreMLModule):
     as long as this object) and executed like a .mlpackage: ExecuTorch's Core ML backend runs
     only on Apple platforms, and there it hands the same program to Core ML."""
 
-    def __init__(self, pte: Path) -> None:
+    def __init__(self, pte: Path, engine: str = "plan") -> None:
         from llamaship.export.executorch_coreml import extract_program
 
         self._tmp = tempfile.TemporaryDirectory(prefix="llamaship-cm-")
-        super().__init__(extract_program(Path(pte), Path(self._tmp.name)))
+        super().__init__(extract_program(Path(pte), Path(self._tmp.name)), engine)
 
     def inputs(self, tokens: list[int], start_pos: int) -> dict[str, np.ndarray]:
         return {"tokens": np.asarray([tokens], dtype=np.int32),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -211,7 +212,10 @@ def test_evaluator_without_weight_cache_gives_the_same_logits(int4_package):
               "causal_mask": causal_mask(0, len(PROMPT), np.float16)}
     a, b = cached.predict(inputs), uncached.predict(inputs)
     assert np.array_equal(a["logits"], b["logits"])
-    assert cached._weights and not uncached._weights  # noqa: SLF001
+    dequantized = [s for s in uncached._plan.steps if s.op.op_type == "constexpr_blockwise_shift_scale"]  # noqa: SLF001
+    assert dequantized and not any(s.op.op_type == "constexpr_blockwise_shift_scale" for s in cached._plan.steps)  # noqa: SLF001
+    # and the per-call weights are released after their last reader, not held to the end
+    assert all(any(st.free for st in uncached._plan.steps if st.out != d.out) for d in dequantized)  # noqa: SLF001
 
 
 def test_program_too_large_for_the_evaluator_is_refused_with_the_reason(fp16_package, tiny_ckpt, monkeypatch):
@@ -279,6 +283,171 @@ def test_streamed_route_computes_its_quantized_module_up_to_the_last_cache_slot(
         g = module.forward(toks, pos)
         assert (g - r).abs().max().item() <= 0.02 * r.abs().max().item()
         assert torch.nn.functional.cosine_similarity(g, r).item() > 0.999
+
+
+# ---------------- the compiled plan (the engine validation runs) against the interpreter ----------------
+
+def fp16_ulps(got: Any, want: np.ndarray) -> float:
+    """Largest error in fp16 ulps of the largest value in its row (products are summed in another
+    order than NumPy's, so single elements near zero may differ by an ulp of the row)."""
+    g = (got.numpy() if isinstance(got, torch.Tensor) else np.asarray(got)).astype(np.float64)
+    w = np.asarray(want).astype(np.float64)
+    assert g.shape == w.shape
+    if not w.size:
+        return 0.0
+    scale = np.maximum(np.abs(w).max(axis=-1, keepdims=True) if w.ndim else np.abs(w), 2.0**-14)
+    return float((np.abs(g - w) / (scale * 2.0**-10)).max())
+
+
+def h(*shape: int) -> np.ndarray:
+    return rand(*shape).astype(np.float16)
+
+
+KERNEL_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("add", {"x": h(2, 3, 8), "y": h(2, 3, 8)}), ("sub", {"x": h(2, 8), "y": h(1, 8)}),
+    ("mul", {"x": h(2, 8), "y": np.float16(-1.0)}), ("real_div", {"x": h(2, 8), "y": np.abs(h(2, 1)) + 1}),
+    ("pow", {"x": h(2, 8), "y": np.float16(2.0)}), ("sqrt", {"x": np.abs(h(2, 8))}), ("abs", {"x": h(2, 8)}),
+    ("exp", {"x": h(2, 8)}), ("silu", {"x": h(3, 16)}), ("sigmoid", {"x": h(3, 16)}),
+    ("clip", {"x": h(2, 8), "alpha": np.float16(0.01), "beta": np.float16(np.inf)}),
+    ("inverse", {"x": np.abs(h(2, 8)) + 1, "epsilon": np.float32(1e-4)}),
+    ("rsqrt", {"x": np.abs(h(2, 8)), "epsilon": np.float32(1e-12)}),
+    ("minimum", {"x": h(2, 8), "y": h(2, 8)}), ("maximum", {"x": h(2, 8), "y": h(2, 8)}),
+    ("reduce_mean", {"x": h(1, 4, 576), "axes": np.array([-1]), "keep_dims": True}),
+    ("reduce_sum", {"x": h(2, 3, 8), "axes": np.array([1]), "keep_dims": False}),
+    ("reduce_max", {"x": h(2, 3, 8), "axes": np.array([0, 2]), "keep_dims": False}),
+    ("softmax", {"x": h(2, 3, 40), "axis": -1}),
+    ("linear", {"x": h(1, 1, 576), "weight": h(1536, 576) * np.float16(0.05)}),  # the fp16 GEMV
+    ("linear", {"x": h(1, 7, 576), "weight": h(64, 576), "bias": h(64)}),
+    ("matmul", {"x": h(2, 4, 3, 6), "y": h(2, 4, 5, 6), "transpose_y": True}),
+    ("scaled_dot_product_attention", {"query": h(1, 9, 1, 64), "key": h(1, 9, 300, 64), "value": h(1, 9, 300, 64),
+                                      "attn_mask": causal_mask(299, 1, np.float16)}),
+    ("scaled_dot_product_attention", {"query": h(1, 4, 3, 8), "key": h(1, 4, 7, 8), "value": h(1, 4, 7, 8),
+                                      "attn_mask": causal_mask(4, 3) == 0}),
+    ("gather", {"x": h(10, 4), "indices": np.array([[3, -2, 9]], dtype=np.int32), "axis": 0}),
+    ("slice_by_index", {"x": h(2, 5, 8), "begin": np.array([1, 0, 2]), "end": np.array([2, 5, 8]),
+                        "stride": np.array([1, 2, 3]), "squeeze_mask": np.array([True, False, False])}),
+    ("slice_update", {"x": h(2, 5, 8), "update": h(2, 2, 8), "begin": np.array([0, 2, 0]),
+                      "end": np.array([2, 4, 8]), "begin_mask": np.array([True, False, True]),
+                      "end_mask": np.array([True, False, True])}),
+    ("concat", {"values": [h(2, 5, 8), h(2, 2, 8)], "axis": 1}),
+    ("reshape", {"x": h(2, 5, 8), "shape": np.array([2, 0, 4, 2])}),
+    ("transpose", {"x": h(2, 5, 8), "perm": np.array([0, 2, 1])}),
+    ("expand_dims", {"x": h(2, 5), "axes": np.array([-1, 0])}), ("squeeze", {"x": h(2, 1, 8), "axes": np.array([1])}),
+    ("tile", {"x": h(3, 1, 4, 2), "reps": np.array([3, 1, 1, 1])}), ("cast", {"x": h(2, 3), "dtype": "fp32"}),
+    ("select", {"cond": rand(2, 8) > 0, "a": h(2, 8), "b": h(2, 8)}), ("identity", {"x": h(4)}),
+]
+
+
+@pytest.mark.parametrize("kind,args", KERNEL_CASES, ids=[f"{k}-{i}" for i, (k, _) in enumerate(KERNEL_CASES)])
+def test_plan_kernel_matches_the_interpreter_op(kind, args):
+    """Each torch kernel of the plan against the interpreter's op (fp32 compute, one rounding to
+    fp16): at most one fp16 ulp of its row apart, as summation order allows."""
+    from llamaship.runtime.mil_plan import KERNELS
+
+    def as_torch(v: Any) -> Any:
+        if isinstance(v, list):
+            return [as_torch(x) for x in v]
+        return torch.from_numpy(v.copy()) if isinstance(v, np.ndarray) and v.dtype == np.float16 else v
+
+    want = np.asarray(OPS[kind](**args))
+    want = want.astype(np.float16) if want.dtype.kind == "f" else want
+    got = KERNELS[kind](**{k: as_torch(v) for k, v in args.items()})
+    got = got.to(torch.float16) if got.dtype == torch.float32 and kind != "cast" else got
+    assert fp16_ulps(got, want.astype(np.float32) if kind == "cast" else want) <= 1.0
+
+
+@pytest.mark.parametrize("kind,static,rank,data", [
+    ("slice_by_index", {"begin": np.array([0, 0, 0, 0]), "end": np.array([1, 3, 16, 4]),
+                        "end_mask": np.array([False, True, True, True])}, 4, {"x": h(2, 3, 16, 4)}),
+    ("slice_update", {"begin": np.array([0, 0, 5, 0]), "end": np.array([1, 3, 6, 4]),
+                      "stride": np.array([1, 1, 1, 1])}, 4, {"x": h(2, 3, 16, 4), "update": h(1, 3, 1, 4)}),
+    ("reshape", {"shape": np.array([3, 3, 1, -1, 4])}, 4, {"x": h(9, 1, 5, 4)}),
+    ("transpose", {"perm": np.array([1, 0, 2, 3])}, 4, {"x": h(9, 1, 5, 4)}),
+    ("tile", {"reps": np.array([3, 1, 1, 1])}, 4, {"x": h(3, 1, 5, 4)}),
+    ("expand_dims", {"axes": np.array([0])}, 2, {"x": h(5, 4)}),
+    ("reduce_mean", {"axes": np.array([-1]), "keep_dims": True}, 3, {"x": h(1, 2, 576)}),
+])
+def test_prepared_kernel_matches_the_interpreter_op(kind, static, rank, data):
+    """Kernels whose indices, shapes or axes are consts are prepared once at load."""
+    from llamaship.runtime.mil_plan import PREPARED
+
+    fn, params = PREPARED[kind](static, rank, False)
+    assert params == list(data)
+    want = np.asarray(OPS[kind](**data, **static)).astype(np.float16)
+    assert fp16_ulps(fn(*[torch.from_numpy(v.copy()) for v in data.values()]), want) == 0.0
+
+
+def test_plan_dequantizes_like_the_interpreter():
+    from llamaship.runtime.mil_plan import dequantize
+
+    data = rng.integers(-8, 8, size=(6, 64)).astype(np.int8)
+    scale, off = np.abs(h(6, 2)), rng.integers(-2, 2, size=(6, 2)).astype(np.int8)
+    for offset in (None, off):
+        want = OPS["constexpr_blockwise_shift_scale"](data, scale, offset).astype(np.float16)
+        assert fp16_ulps(dequantize(data, scale, offset).half(), want) == 0.0
+    with pytest.raises(RuntimeFailure, match="not integral"):
+        dequantize(data, h(6, 5))
+
+
+@pytest.mark.parametrize("which", ["fp16", "int4"])
+def test_plan_matches_the_interpreter_through_state(which, fp16_package, int4_package):
+    """The whole program, prefill then decode steps through the cache states: the compiled plan
+    and the op-by-op interpreter agree to fp16 rounding, and the plan's states hold what the
+    interpreter's do."""
+    package = fp16_package if which == "fp16" else int4_package[0]
+    engines = {e: mil_eval.MilModel(package, engine=e) for e in ("reference", "plan")}
+    steps = [(PROMPT, 0)] + [([t], len(PROMPT) + i) for i, t in enumerate(DECODE)]
+    for toks, pos in steps:
+        inputs = {"input_ids": np.asarray([toks], dtype=np.int32),
+                  "causal_mask": causal_mask(pos, len(toks), np.float16)}
+        ref, got = (engines[e].predict(inputs)["logits"].astype(np.float32) for e in ("reference", "plan"))
+        assert np.abs(got - ref).max() <= 0.01 * np.abs(ref).max()
+        assert got.reshape(-1).argmax() == ref.reshape(-1).argmax()
+    for name, state in engines["reference"].states.items():
+        plan_state = engines["plan"].states[name].numpy().astype(np.float32)
+        assert np.abs(plan_state - state.astype(np.float32)).max() <= 0.01 * np.abs(state).max()
+
+
+def test_plan_writes_the_kv_cache_in_place(fp16_package):
+    """A decode step writes its row into the state buffers instead of copying the cache per
+    layer: every cache update of our program runs in place, and the states stay the same tensors."""
+    model = mil_eval.MilModel(fp16_package)
+    plan = model._plan  # noqa: SLF001
+    ops = [op for op in plan.program.ops if op.op_type != "const"]
+    updates = [op for op in ops if op.op_type == "slice_update"]
+    assert updates and len(plan._in_place_ops(ops)) == len(updates)  # noqa: SLF001
+    buffers = {n: t.data_ptr() for n, t in model.states.items()}
+    model.predict({"input_ids": np.asarray([PROMPT], dtype=np.int32),
+                   "causal_mask": causal_mask(0, len(PROMPT), np.float16)})
+    assert {n: t.data_ptr() for n, t in model.states.items()} == buffers
+    assert all(t.abs().max() > 0 for t in model.states.values())
+
+
+def test_plan_does_not_write_in_place_into_a_value_read_later(tmp_path):
+    """y is read after a slice_update of it: writing in place would change what that later add
+    sees. A hand-built MIL program, saved as a package like ours."""
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    specs = [mb.TensorSpec(shape=(2, 4), dtype=types.fp16), mb.TensorSpec(shape=(1, 4), dtype=types.fp16)]
+
+    @mb.program(input_specs=specs, opset_version=ct.target.iOS18)
+    def prog(x, u):  # type: ignore[no-untyped-def]
+        y = mb.mul(x=x, y=np.float16(2.0), name="y")
+        z = mb.slice_update(x=y, update=u, begin=[0, 0], end=[1, 4], name="z")
+        return mb.add(x=y, y=z, name="w")
+
+    ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
+               pass_pipeline=ct.PassPipeline.EMPTY,  # as built: no pass may fold the read of y away
+               compute_precision=ct.precision.FLOAT16).save(str(tmp_path / "a.mlpackage"))
+    x, u = np.arange(8, dtype=np.float16).reshape(2, 4), np.full((1, 4), 100, np.float16)
+    model = mil_eval.MilModel(tmp_path / "a.mlpackage")
+    got = model.predict({"x": x, "u": u})["w"]
+    assert got.tolist() == [[100.0, 102.0, 104.0, 106.0], [16.0, 20.0, 24.0, 28.0]]
+    assert x.tolist() == np.arange(8).reshape(2, 4).tolist()  # the caller's input untouched
+    ops = [op for op in model._plan.program.ops if op.op_type != "const"]  # noqa: SLF001
+    assert not model._plan._in_place_ops(ops)  # noqa: SLF001
 
 
 def test_unknown_op_fails_loudly(tmp_path, fp16_package, monkeypatch):

@@ -87,7 +87,8 @@ def test_advance_on_a_plain_callable():
     got: list[str] = []
     for i in range(1, 4):
         advance(got.append, "layers", i, 3)
-    assert got == ["layers: 1/3", "layers: 3/3"]
+    advance(got.append, "artifact windows", 8, 8, "52.1 tok/s")
+    assert got == ["layers: 1/3", "layers: 3/3", "artifact windows: 8/8 (52.1 tok/s)"]
 
 
 def test_gguf_models_get_a_name_a_person_recognises():

@@ -57,7 +57,7 @@ class CoreML(CoreMLBase):
     weights = ("the quantize stage's codes exactly (constexpr_blockwise_shift_scale int4/int8 data, an offset "
                "only when asymmetric); scales rounded to fp16")
     storage = COREML
-    runtime = "Core ML on macOS, else the MIL reference evaluator (NumPy)"
+    runtime = "Core ML on macOS, else the MIL reference evaluator (torch CPU)"
 
     def export(self, job: ExportJob) -> Exported:
         from llamaship.export.coreml import export_coreml
