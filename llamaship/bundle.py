@@ -165,6 +165,22 @@ def staging_dir(out: Path, force: bool = False) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """A temp folder beside `out` that becomes `out` on normal exit (an existing `out`, which the
+    caller has checked is its own to replace, is moved aside first) and is removed on any
+    exception: a report folder is never left half-written."""
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = work_dir(out.parent, f"{out.name}.partial")
+    try:
+        yield tmp
+        _replace(out, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _replace(out: Path, tmp: Path) -> None:
     """Put the finished `tmp` at `out`, moving an existing `out` aside first (two renames)."""
     if out.exists():

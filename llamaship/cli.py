@@ -3,7 +3,8 @@
 Exit codes: 0 success; 1 internal error (a llamaship bug: rerun with --debug for the traceback and
 report it); 2 bad checkpoint or missing evaluation/calibration text; 3 unsupported request; 4 bundle
 invalid, or output exists or may not be replaced; 5 export failed; 6 runtime failed; 7 a validation
-gate failed (the bundle and its report are written); 64 usage error (a flag or value the command
+gate failed (the bundle and its report are written); 8 `profile --hub`: an AI Hub job failed or
+timed out (the other devices' reports are written); 64 usage error (a flag or value the command
 does not take); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). Nothing is left half-written
 on 1, 2-6, 130 or 143.
 """
@@ -304,22 +305,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    from llamaship.errors import UnsupportedError
     from llamaship.profiling.adb import Adb
     from llamaship.profiling.run import profile_bundle
     from llamaship.targets.report import write_report
 
+    if args.hub:
+        return cmd_profile_hub(args)
     _verified(Path(args.bundle))
+    if len(args.device or []) != 1 or not args.runner or args.device_attr or args.hub_format:
+        raise UnsupportedError("over adb, give one --device SERIAL and --runner (--device-attr and --hub-format "
+                               "are for --hub)")
+    device = args.device[0]
     runner = Path(args.runner)
     if not runner.is_file():
-        from llamaship.errors import UnsupportedError
-
         raise UnsupportedError(f"{runner}: llama_main not found; build it for the phone (ExecuTorch's "
                                "examples/models/llama, Android ABI arm64-v8a) and pass its path with --runner")
     with _reporter() as progress:
-        report = profile_bundle(Path(args.bundle), Adb(args.device, adb=args.adb), runner, runs=args.runs,
+        report = profile_bundle(Path(args.bundle), Adb(device, adb=args.adb), runner, runs=args.runs,
                                 warmup=args.warmup, threads=args.threads, gen_tokens=args.gen_tokens,
                                 push=not args.no_push, progress=progress)
-    out = Path(args.out or f"profile-{args.device}")
+    out = Path(args.out or f"profile-{device}")
     out.mkdir(parents=True, exist_ok=True)
     fit = _predicted_for(Path(args.bundle), args.profile)
     report["prediction"] = {"profile": args.profile, **fit.to_json()}
@@ -330,6 +336,84 @@ def cmd_profile(args: argparse.Namespace) -> int:
           f"ceiling predicted for the {args.profile} profile, TTFT {sp['ttft_ms']['median']:.0f} ms "
           f"(median of {sp['runs']}); report: {out / 'report.md'}")
     return 0
+
+
+def cmd_profile_hub(args: argparse.Namespace) -> int:
+    """`profile --hub`: the bundle's NPU and ONNX artifacts on AI Hub's devices (profiling/hub.py)."""
+    from llamaship.bundle import read_manifest, staged_output
+    from llamaship.errors import BundleError, UnsupportedError
+    from llamaship.export.llama.load import load_checkpoint
+    from llamaship.profiling import hub
+    from llamaship.targets import accuracy
+    from llamaship.targets.report import write_report
+
+    bundle = Path(args.bundle)
+    _verified(bundle)
+    if args.runner or args.no_push:
+        raise UnsupportedError("--runner and --no-push are for adb; AI Hub runs the bundle's own artifacts")
+    if not args.device and not args.device_attr:
+        raise UnsupportedError("--hub needs --device NAME (repeatable) or --device-attr ATTRIBUTE (a family, e.g. "
+                               "chipset:qualcomm-snapdragon-8gen3); `qai-hub list-devices` lists both")
+    manifest = read_manifest(bundle)
+    present = [a["format"] for a in manifest["artifacts"] if a["format"] in hub.FORMATS]
+    formats = args.hub_format or present
+    missing = [f for f in formats if f not in present]
+    if not formats or missing:
+        raise UnsupportedError(f"{bundle}: no {', '.join(missing or list(hub.FORMATS))} artifact to run on AI Hub "
+                               "(export with --format qnn and/or --format onnx)")
+    out = Path(args.out or "profile-hub")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (args.force and any(out.glob("*/*/job.json"))):
+        raise UnsupportedError(f"{out}: exists and is not empty; pick another --out (--force replaces only an "
+                               "earlier `profile --hub` output)")
+    source = args.model or manifest.get("model", {}).get("source")
+    print(f"note: {hub.NEEDS_NETWORK}", file=sys.stderr)
+    with _reporter() as progress:
+        client, redact = hub.make_client()
+        devices = hub.resolve_devices(client, args.device or [], args.device_attr or [], redact)
+        progress(f"AI Hub devices: {', '.join(d.name for d in devices)}")
+        if not isinstance(source, str) or not source:
+            raise BundleError(f"{bundle}: the manifest does not name its source checkpoint; pass --model")
+        ckpt = load_checkpoint(source, progress=progress)
+        if ckpt.sha256() != manifest["model"].get("source_sha256"):
+            raise BundleError(f"{source}: not the checkpoint this bundle was exported from (sha256 differs)")
+        window = list(accuracy.make_slice(ckpt.tokenizer, 512, 512).windows().__next__())
+        jobs = hub.plan_jobs(bundle, manifest, devices, formats, window)
+        hub.submit(client, bundle, manifest, jobs, redact, progress, options=args.hub_options)
+        hub.collect(jobs, redact, progress, timeout_s=args.hub_timeout * 60)
+        ref, why = hub.reference_logprobs(ckpt, window[: hub.PROMPT_TOKENS + 2])
+        if why:
+            progress(f"accuracy: {why}")
+    prediction = {"profile": args.profile, **_predicted_for(bundle, args.profile).to_json()}
+    slice_text = (f"the first {hub.PROMPT_TOKENS} (+1 decoded) tokens of WikiText-2 test, the first validation "
+                  "window, replayed on each device")
+    reports = hub.device_reports(bundle, manifest, jobs, ref, window, slice_text, prediction)
+    with staged_output(out) as staged:
+        for j in jobs:
+            hub.save_recording(j, staged / hub.slug(j.device.name) / f"{j.fmt}-{j.kind}")
+        for device, report in reports.items():
+            write_report(report, staged / hub.slug(device))
+    _print_hub_results(reports, slice_text, prediction)
+    print(f"reports and the raw results: {out}/<device>/")
+    return 0 if all(j.status == "done" for j in jobs) else 8
+
+
+def _print_hub_results(reports: dict[str, Any], slice_text: str, prediction: dict[str, Any]) -> None:
+    """Each device's figures next to the roofline prediction, or why it has none."""
+    ceiling = prediction["decode_ceiling_tok_s"]
+    print(f"AI Hub results ({slice_text}); predicted decode ceiling for the {prediction['profile']} profile: "
+          f"{ceiling:.1f} tok/s (a roofline, not a measurement)")
+    for device, report in reports.items():
+        for a in report["artifacts"]:
+            sp, acc = a.get("speed"), a.get("accuracy")
+            if sp:
+                figures = (f"prefill {sp['prefill_tok_s']['median']:.1f} tok/s, decode "
+                           f"{sp['decode_tok_s']['median']:.1f} tok/s (predicted ceiling {ceiling:.1f}), TTFT "
+                           f"{sp['ttft_ms']['median']:.0f} ms"
+                           + (f", peak {sp['peak_rss_mb']:.0f} MB" if sp.get("peak_rss_mb") else "")
+                           + (f", KLD {acc['mean_kld']:.4f}, top-1 {acc['top1_agreement']:.3f}" if acc else ""))
+            else:
+                figures = "; ".join(f"{j['kind']} {j['status']}: {j['message']}" for j in a["hub_jobs"])
+            print(f"  {device}: {a['path']} ({a['format']}): {figures}")
 
 
 def _predicted_for(bundle: Path, profile: str) -> Any:
@@ -373,6 +457,7 @@ def backend_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     from llamaship.pipeline import SMOKE_PROMPT
+    from llamaship.profiling.hub import FORMATS as HUB_FORMATS
     from llamaship.quantize import algorithms
     from llamaship.quantize.scheme import GROUP_SIZES, QuantScheme
 
@@ -499,16 +584,39 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"evaluation slice length, {EVAL_MIN}..{EVAL_MAX} (default: the profile's, 32768)")
     val.set_defaults(func=cmd_validate)
 
-    prof = sub.add_parser("profile", help="measure a bundle's .pte on an Android phone over adb",
-                          description="Push the bundle's .pte, tokenizer and your llama_main build to "
-                          "/data/local/tmp/llama/, run warm-up + N greedy generations with pinned threads, "
-                          "read the runner's PyTorchObserver stats, record device facts and thermal state "
-                          "before/after, and write report.json/md/png in the host validation format. "
-                          "Needs a phone with USB debugging; nothing here can stand in for it.")
+    prof = sub.add_parser("profile", help="measure a bundle on real phones: one over adb, or many on Qualcomm AI Hub",
+                          description="Over adb (default): push the bundle's .pte, tokenizer and your llama_main "
+                          "build to /data/local/tmp/llama/, run warm-up + N greedy generations with pinned "
+                          "threads, read the runner's PyTorchObserver stats, record device facts and thermal state "
+                          "before/after. With --hub: upload the bundle's NPU context binary and/or ONNX model to "
+                          "Qualcomm AI Hub, run profile+inference jobs on every --device at once (replaying the "
+                          "first 128 tokens of the validation slice), and score the device's logits against the "
+                          "fp32 reference. Either way: report.json/md/png in the host validation format, measured "
+                          "next to the roofline prediction. Needs a phone with USB debugging, or network access and "
+                          "an AI Hub API token; nothing on this machine can stand in for either.")
     prof.add_argument("bundle", help="bundle folder")
-    prof.add_argument("--device", required=True, metavar="SERIAL", help="adb serial (see `adb devices`)")
-    prof.add_argument("--runner", required=True,
-                      help="llama_main built for the phone (ExecuTorch examples/models/llama, arm64-v8a)")
+    prof.add_argument("--device", action="append", metavar="SERIAL|NAME",
+                      help="adb serial (see `adb devices`); with --hub an AI Hub device name, repeatable "
+                      "(`qai-hub list-devices`, e.g. \"Samsung Galaxy S24 (Family)\")")
+    prof.add_argument("--runner",
+                      help="adb: llama_main built for the phone (ExecuTorch examples/models/llama, arm64-v8a)")
+    prof.add_argument("--hub", action="store_true",
+                      help="run on Qualcomm AI Hub's devices instead of adb; the API token comes from "
+                      "$QAI_HUB_API_TOKEN, else the qai-hub client's own config (~/.qai_hub/client.ini from "
+                      "`qai-hub configure`); it is never written to the report or printed")
+    prof.add_argument("--device-attr", action="append", metavar="ATTRIBUTE",
+                      help="--hub: every device with this attribute (a family, e.g. chipset:qualcomm-snapdragon-8gen3 "
+                      "or framework:qnn); repeatable")
+    prof.add_argument("--hub-format", action="append", choices=list(HUB_FORMATS),
+                      help=f"--hub: artifacts to run (default: the bundle's {' and '.join(HUB_FORMATS)} artifacts)")
+    prof.add_argument("--hub-timeout", type=_int_in(1, 24 * 60), default=60,
+                      help="--hub: minutes to wait for the jobs (default 60); a job still running is reported "
+                      "as timed out and the others are kept")
+    prof.add_argument("--hub-options", default="",
+                      help="--hub: options passed to every AI Hub job as given (e.g. \"--max_profiler_iterations 10\")")
+    prof.add_argument("--model", help="--hub: the source checkpoint, for the fp32 reference the device's logits are "
+                      "scored against (default: the one the manifest names)")
+    prof.add_argument("--force", action="store_true", help="--hub: write into a non-empty --out")
     prof.add_argument("--runs", type=_int_in(1, 1000), default=3, help="timed runs (default 3)")
     prof.add_argument("--warmup", type=_int_in(0, 100), default=1, help="untimed warm-up runs first (default 1)")
     prof.add_argument("--threads", type=_int_in(1, 64), default=4,
@@ -517,7 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tokens to generate per run (default 128)")
     prof.add_argument("--adb", default="adb", help="adb executable (default: adb on PATH)")
     prof.add_argument("--no-push", action="store_true", help="files are already on the device")
-    prof.add_argument("--out", help="report folder (default profile-SERIAL)")
+    prof.add_argument("--out", help="report folder (default profile-SERIAL; with --hub profile-hub, one "
+                      "sub-folder per device with its report and the jobs' raw results)")
     prof.add_argument("--profile", default="qualcomm",
                       help="target profile whose roofline prediction is shown next to the measurement "
                       "(default qualcomm)")

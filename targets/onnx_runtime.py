@@ -52,20 +52,28 @@ class OnnxModule:
         self._past = [np.zeros(self._kv_shape, self._dtype) for _ in range(2 * self._layers)]
         self._pos = 0
 
-    def forward(self, tokens: list[int], start_pos: int) -> torch.Tensor:
+    def feeds(self, tokens: list[int], start_pos: int) -> dict[str, np.ndarray]:
+        """The graph's inputs for `tokens` at `start_pos` with the cache as it stands (what an app
+        built on onnxruntime-genai feeds; `profile --hub` sends the same to a phone)."""
         if start_pos == 0 and self._pos:
             self.reset()
         if start_pos != self._pos:
             raise RuntimeFailure(f"ONNX KV cache is at position {self._pos}, asked for {start_pos}")
-        ins, outs = self._names
+        ins = self._names[0]
         feed: dict[str, np.ndarray] = {
             ins["input_ids"]: np.asarray([tokens], dtype=np.int64),
             ins["attention_mask"]: np.ones((1, start_pos + len(tokens)), dtype=np.int64),
         }
-        out_names = [outs["logits"]]
         for i in range(self._layers):
             feed[ins["past_key_names"] % i] = self._past[2 * i]
             feed[ins["past_value_names"] % i] = self._past[2 * i + 1]
+        return feed
+
+    def forward(self, tokens: list[int], start_pos: int) -> torch.Tensor:
+        feed = self.feeds(tokens, start_pos)
+        outs = self._names[1]
+        out_names = [outs["logits"]]
+        for i in range(self._layers):
             out_names += [outs["present_key_names"] % i, outs["present_value_names"] % i]
         logits, *present = self._session.run(out_names, feed)
         self._past = present

@@ -16,6 +16,17 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
+def _hub_jobs(report: dict[str, Any]) -> list[str]:
+    """Each AI Hub job's outcome (`profile --hub` reports): a failed device says why."""
+    lines = []
+    for a in report["artifacts"]:
+        for j in a.get("hub_jobs", []):
+            job = f" (job {j['job_id']})" if j.get("job_id") else ""
+            lines.append(f"AI Hub {j['kind']} job for {a['path']}: {j['status']}{job}"
+                         + (f": {j['message']}" if j.get("message") else "") + ".")
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     device = report.get("device")
     title = f"On-device report: {report['model']} on {device.get('model')}" if device else \
@@ -57,6 +68,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"Speed of {path}: {sp['runtime']}; {sp['prompt_tokens']}-token prompt, "
                      f"{sp['generated_tokens']} generated tokens, {sp['warmup_runs']} warm-up + "
                      f"{sp['runs']} runs, median (min-max in report.json).")
+    lines += _hub_jobs(report)
     if device:
         lines += ["", "## Device", ""] + [f"- {k}: {v}" for k, v in device.items()]
     prediction = report.get("prediction")
@@ -104,6 +116,8 @@ def render_png(report: dict[str, Any], path: Path) -> None:
     labels, values, colors = [], [], []
     device = report.get("device") or {}
     for a in report["artifacts"] if device else []:
+        if not a.get("speed"):
+            continue  # a run that failed: its status is in report.json
         labels.append(f"{a['path']}\n{device.get('model')}\n(measured)")
         values.append(a["speed"]["decode_tok_s"]["median"])
         colors.append("tab:green")

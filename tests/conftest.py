@@ -185,3 +185,16 @@ def tiny_bundle(tmp_path_factory, gguf_path, tiny_profile) -> Path:
                  "--quant-algo", "rtn"])
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_qnn(tmp_path_factory, tiny_ckpt) -> tuple[Path, dict]:
+    """The tiny model's NPU artifact (qnn/: EPContext model + context binary + qnn_config.json), a
+    context of two prompt chunks; shared by the NPU tests and the AI Hub tests."""
+    from llamaship.export.qnn import export_qnn
+    from llamaship.quantize.scheme import QuantScheme
+
+    folder = tmp_path_factory.mktemp("qnn_bundle")
+    res = export_qnn(tiny_ckpt.spec, tiny_ckpt.state, tiny_ckpt.tokenizer, QuantScheme(), folder / "qnn",
+                     max_context=256, soc_model="SM8650", progress=lambda s: None)
+    return folder, res

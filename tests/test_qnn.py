@@ -60,12 +60,6 @@ def tiny_float_graph(tmp_path_factory, tiny_ckpt) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_qnn(tmp_path_factory, tiny_ckpt) -> tuple[Path, dict]:
-    folder = tmp_path_factory.mktemp("qnn_bundle")
-    res = export_qnn(tiny_ckpt.spec, tiny_ckpt.state, tiny_ckpt.tokenizer, QuantScheme(), folder / "qnn",
-                     max_context=CTX, soc_model="SM8650", progress=lambda s: None)
-    return folder, res
 
 
 def qnn_art(res: dict) -> dict:
