@@ -95,7 +95,8 @@ def resolve_devices(client: Any, names: list[str], attributes: list[str], redact
         try:
             devices = client.get_devices(**query)
         except Exception as exc:
-            raise RuntimeFailure(f"AI Hub: listing devices failed: {redact(str(exc))}") from None
+            raise RuntimeFailure(f"AI Hub: listing devices failed ({redact(str(exc))}); AI Hub needs network access "
+                                 "to workbench.aihub.qualcomm.com and a valid API token") from None
         if not devices:
             what = query.get("name") or query["attributes"][0]
             raise UnsupportedError(f"AI Hub has no device matching {what!r}; `qai-hub list-devices` lists them "
