@@ -11,9 +11,14 @@ size, and `llamaship fit`'s prediction.
     python bench/fullsize.py --model llama3-8b --layout meta --format executorch --group-size 32
     python bench/fullsize.py --model llama2-7b --layout hf --layers 2      # a 2-layer slice, quick
 
-Random weights: the figures are about time, memory and size, not accuracy (no validation: the
-fp32 reference of an 8B model is 32 GB). The smoke generation still runs the artifact. Results are
-appended to bench/results/fullsize.json.
+    python bench/fullsize.py --model llama3-8b --layout hf --reference-tokens 1024    # validation's reference
+    python bench/fullsize.py --model llama3-8b --layout hf --format executorch --quant-algo rtn --validate-tokens 512
+
+Random weights: the figures are about time, memory and size, not accuracy. The smoke generation
+still runs the artifact; `--validate-tokens` also runs `llamaship validate` on the bundle (its
+accuracy figures are meaningless with random weights; the run shows that validation of an 8B
+artifact, the streamed fp32 reference included, fits this machine, and how long it takes per
+token). Results are appended to bench/results/fullsize.json.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +156,8 @@ def folder_bytes(path: Path) -> int:
 
 
 FORMAT_NAMES = {"executorch": ".pte 8da4w, emb4, head8", "onnx": "ONNX w4, emb4, head8",
-                "coreml": ".mlpackage int4 asym, emb4, head8", "executorch_coreml": "Core ML delegate .pte"}
+                "coreml": ".mlpackage int4 asym, emb4, head8", "executorch_coreml": "Core ML delegate .pte",
+                "reference": "validate: fp32 reference, streamed"}
 
 
 def _gib(row: dict, key: str) -> str:  # type: ignore[type-arg]
@@ -159,24 +166,81 @@ def _gib(row: dict, key: str) -> str:  # type: ignore[type-arg]
 
 def table(rows: list[dict]) -> str:  # type: ignore[type-arg]
     """The README's markdown rows: the newest run per (model, layers, layout, format, group)."""
-    newest = {(r["model"], r["layers"], r["layout"], r["format"], r["group_size"]): r for r in rows}
+    newest = {(r["model"], r["layers"], r["layout"], r["format"], r["group_size"], r.get("stage", "export")): r
+              for r in rows}
     lines = []
-    for (model, layers, layout, fmt, group), r in sorted(newest.items(), key=lambda kv: str(kv[0])):
+    for (model, layers, layout, fmt, group, stage), r in sorted(newest.items(), key=lambda kv: str(kv[0])):
         name = MODELS_PRETTY.get(model, model) + (f", {layers}-layer slice" if layers else "")
         name += ", Meta `consolidated.00.pth`" if layout == "meta" else ""
-        if fmt == "executorch" and "smoke_tokens" not in r:  # rows from before this field existed
+        if fmt == "executorch" and stage == "export" and "smoke_tokens" not in r:  # rows from before this field
             name += " (run before XNNPACK blobs were spilled to files)"
         done = f"{r['wall_s'] / 60:.1f} min" if r["exit"] == 0 else f"failed (exit {r['exit']})"
-        size = f"{r['artifact_gb']:.2f} GB" if r["exit"] == 0 else ""
-        lines.append(f"| {name} | {FORMAT_NAMES[fmt]} | {group} | {done} | {_gib(r, 'peak_anon_gib')} "
-                     f"| {_gib(r, 'peak_rss_gib')} | {size} | {r['fit_weights_gb']:.2f} GB |")
+        if stage == "validate" and r["exit"] == 7:  # ran through; random weights fail the accuracy gates
+            done = f"{r['wall_s'] / 60:.1f} min ({r['s_per_token']} s per scored-slice token)"
+        size = f"{r['artifact_gb']:.2f} GB" if r["exit"] == 0 and "artifact_gb" in r else ""
+        what = FORMAT_NAMES[fmt] + (", validate" if stage == "validate" else "") + \
+            (f", {r['eval_tokens']} tokens" if "eval_tokens" in r else "")
+        fit = f"{r['fit_weights_gb']:.2f} GB" if "fit_weights_gb" in r else ""
+        lines.append(f"| {name} | {what} | {group or ''} | {done} | {_gib(r, 'peak_anon_gib')} "
+                     f"| {_gib(r, 'peak_rss_gib')} | {size} | {fit} |")
     return "\n".join(lines)
 
 
 MODELS_PRETTY = {"llama2-7b": "Llama 2 7B", "llama3-8b": "Llama 3 8B", "llama3.1-8b": "Llama 3.1 8B"}
 
 
+def reference_child(ckpt: str, tokens: int) -> None:
+    """The streamed fp32 reference validation computes (one block at a time over every window),
+    on the first `tokens` of WikiText-2 test, into a fresh cache folder."""
+    import tempfile
+
+    os.environ["LLAMASHIP_CACHE"] = tempfile.mkdtemp(prefix="llamaship-fullsize-ref-")
+    from llamaship.export.llama.load import load_checkpoint
+    from llamaship.targets import accuracy
+    from llamaship.targets.reference import streamed_logprobs
+
+    c = load_checkpoint(ckpt, progress=print)
+    ref = streamed_logprobs(c.spec, c.state, accuracy.make_slice(c.tokenizer, tokens, 512), c.sha256(), print)
+    print(json.dumps({"shape": list(ref.shape), "finite": bool(np.isfinite(np.asarray(ref[:, :8])).all())}))
+    shutil.rmtree(os.environ["LLAMASHIP_CACHE"], ignore_errors=True)
+
+
+def sampled(cmd: list[str]) -> tuple[int, float, int]:
+    """Run `cmd`, sampling the anonymous memory of it and its children each second: (exit code,
+    wall seconds, peak KiB)."""
+    print("$", " ".join(cmd), flush=True)
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    anon_peak = 0
+    while proc.poll() is None:  # anonymous memory (no swap here), of the process and its children
+        anon_peak = max(anon_peak, tree_anon_kb(proc.pid))
+        time.sleep(1)
+    return proc.returncode, time.perf_counter() - t, anon_peak
+
+
+def validate_row(export_row: dict, bundle: Path, ckpt: Path, tokens: int) -> dict:  # type: ignore[type-arg]
+    """`llamaship validate` of the exported bundle on `tokens` of WikiText-2 test (its accuracy
+    figures are meaningless with random weights; the point is time and memory, and that the
+    artifact runs through its runtime against the streamed fp32 reference)."""
+    cmd = [sys.executable, "-m", "llamaship.cli", "validate", str(bundle), "--model", str(ckpt),
+           "--eval-tokens", str(tokens), "--profile", "x86_emulator"]
+    code, wall, anon_peak = sampled(cmd)
+    row = {k: export_row[k] for k in ("model", "layers", "layout", "format", "group_size")}
+    row |= {"stage": "validate", "exit": code, "wall_s": round(wall, 1), "eval_tokens": tokens,
+            "peak_anon_gib": round(anon_peak / 1024**2, 2), "host": export_row["host"]}
+    report = bundle / "report.json"
+    if report.exists():
+        art = json.loads(report.read_text())["artifacts"][0]
+        row["accuracy_s"] = (art.get("accuracy") or {}).get("eval_seconds")
+        row["s_per_token"] = round(row["accuracy_s"] / tokens, 3) if row["accuracy_s"] else None
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--child-reference"]:
+        reference_child(sys.argv[2], int(sys.argv[3]))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--table", action="store_true", help="print the results as the README's markdown rows")
     ap.add_argument("--model", choices=list(MODELS), default="llama3-8b")
@@ -188,6 +252,12 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=None, help="keep only the first N blocks (a slice)")
     ap.add_argument("--quant-algo", default=None, help="the quantize stage's algorithm (default: the CLI's)")
     ap.add_argument("--max-context", type=int, default=2048)
+    ap.add_argument("--validate-tokens", type=int, default=0,
+                    help="after each export, `llamaship validate` the bundle on this many tokens (needs --keep "
+                    "semantics internally: the bundle is removed afterwards unless --keep)")
+    ap.add_argument("--reference-tokens", type=int, default=0,
+                    help="measure validation's streamed fp32 reference on this many WikiText-2 test tokens "
+                    "(windows of 512) instead of, or before, the --format exports")
     ap.add_argument("--work", default="/tmp/llamaship-fullsize", help="where checkpoints and bundles go")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and bundles")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "fullsize.json"))
@@ -204,7 +274,15 @@ def main() -> int:
         (write_meta if args.layout == "meta" else write_hf)(args.model, ckpt, args.layers)
         print(f"  {folder_bytes(ckpt) / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s", flush=True)
     rows = []
-    for fmt in args.format or ["executorch"]:
+    if args.reference_tokens:
+        code, wall, anon_peak = sampled([sys.executable, __file__, "--child-reference", str(ckpt),
+                                         str(args.reference_tokens)])
+        rows.append({"model": args.model, "layers": args.layers, "layout": args.layout, "format": "reference",
+                     "group_size": None, "exit": code, "wall_s": round(wall, 1),
+                     "eval_tokens": args.reference_tokens, "peak_anon_gib": round(anon_peak / 1024**2, 2),
+                     "host": {"cpus": os.cpu_count(), "torch": torch.__version__}})
+        print(json.dumps(rows[-1]), flush=True)
+    for fmt in ([] if args.reference_tokens and not args.format else args.format or ["executorch"]):
         for group in args.group_size or [32]:
             bundle = work / f"{name}-{fmt}-g{group}"
             shutil.rmtree(bundle, ignore_errors=True)
@@ -217,21 +295,14 @@ def main() -> int:
                    "--no-validate", "--ignore-fit", "--prompt", "The capital of France is",
                    "--smoke-tokens", str(SMOKE_TOKENS.get(fmt, 32)),
                    *(["--quant-algo", args.quant_algo] if args.quant_algo else [])]
-            print("$", " ".join(cmd), flush=True)
-            t = time.perf_counter()
-            proc = subprocess.Popen(cmd)
-            anon_peak = 0
-            while proc.poll() is None:  # anonymous memory (no swap here), of the export and its children
-                anon_peak = max(anon_peak, tree_anon_kb(proc.pid))
-                time.sleep(1)
-            wall = time.perf_counter() - t
+            code, wall, anon_peak = sampled(cmd)
             row = {"model": args.model, "layers": args.layers, "layout": args.layout, "format": fmt,
-                   "group_size": group, "exit": proc.returncode, "wall_s": round(wall, 1),
+                   "group_size": group, "exit": code, "wall_s": round(wall, 1),
                    "smoke_tokens": SMOKE_TOKENS.get(fmt, 32),
                    "peak_anon_gib": round(anon_peak / 1024**2, 2),
                    "fit_weights_gb": round(fit["weight_bytes"] / 1e9, 2),
                    "fit": fit, "host": {"cpus": os.cpu_count(), "torch": torch.__version__}}
-            if proc.returncode == 0:
+            if code == 0:
                 manifest = json.loads((bundle / "manifest.json").read_text())
                 (art,) = manifest["artifacts"]
                 path = bundle / (art.get("folder") or art["path"])
@@ -240,6 +311,8 @@ def main() -> int:
                         "smoke_text": (art.get("smoke_test") or {}).get("text")}
             print(json.dumps(row), flush=True)
             rows.append(row)
+            if code == 0 and args.validate_tokens:
+                rows.append(validate_row(row, bundle, ckpt, args.validate_tokens))
             if not args.keep:
                 shutil.rmtree(bundle, ignore_errors=True)
     if not args.keep:

@@ -123,13 +123,13 @@ def _load_cached(path: Path, shape: tuple[int, ...], progress: Callable[[str], N
     return None
 
 
-def reference_logprobs(
-    model: torch.nn.Module, eval_slice: EvalSlice, model_sha: str,
+def cached_reference(
+    eval_slice: EvalSlice, model_sha: str, vocab: int, fill: Callable[[np.ndarray, Path], None],
     progress: Callable[[str], None] = print,
 ) -> np.ndarray:
-    """[n_windows, n_scored, vocab] float16 log-probs of the fp32 module, from cache if present.
-    `model` must be a Llama built with impl="torch", full_logits=True."""
-    vocab = model.spec.vocab_size  # type: ignore[attr-defined]
+    """[n_windows, n_scored, vocab] float16 reference log-probs from the cache, or computed by
+    `fill(out, stem)` into a fresh memory-mapped file (`stem`: a path prefix in the cache folder
+    for any resumable work files) that becomes the cache entry only once complete."""
     shape = (eval_slice.n_windows, eval_slice.n_scored, vocab)
     folder = usable_cache(progress)
     transient = folder is None
@@ -140,14 +140,9 @@ def reference_logprobs(
         return cached
     sweep_stale_tmp(folder)
     tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    s, e = eval_slice.first_scored, eval_slice.first_scored + eval_slice.n_scored
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
-        for w, window in enumerate(eval_slice.windows()):
-            with torch.no_grad():
-                logits = model(torch.tensor([window]), torch.tensor([0]))[0, s:e]
-            out[w] = torch.log_softmax(logits.float(), -1).numpy().astype(np.float16)
-            advance(progress, "fp32 reference windows", w + 1, eval_slice.n_windows)
+        fill(out, path.with_suffix(""))
         out.flush()
         del out
         os.replace(tmp, path)
@@ -161,6 +156,26 @@ def reference_logprobs(
         if transient:
             shutil.rmtree(folder, ignore_errors=True)  # the memory map keeps the data readable
     return result
+
+
+def reference_logprobs(
+    model: torch.nn.Module, eval_slice: EvalSlice, model_sha: str,
+    progress: Callable[[str], None] = print,
+) -> np.ndarray:
+    """The reference from a whole fp32 module in memory (`targets.reference.streamed_logprobs` is
+    what validation uses: one block at a time). `model` must be a Llama built with impl="torch",
+    full_logits=True."""
+    s, e = eval_slice.first_scored, eval_slice.first_scored + eval_slice.n_scored
+
+    def fill(out: np.ndarray, stem: Path) -> None:
+        for w, window in enumerate(eval_slice.windows()):
+            with torch.no_grad():
+                logits = model(torch.tensor([window]), torch.tensor([0]))[0, s:e]
+            out[w] = torch.log_softmax(logits.float(), -1).numpy().astype(np.float16)
+            advance(progress, "fp32 reference windows", w + 1, eval_slice.n_windows)
+
+    spec: Any = getattr(model, "spec")  # noqa: B009  (a Llama's; nn.Module does not declare it)
+    return cached_reference(eval_slice, model_sha, int(spec.vocab_size), fill, progress)
 
 
 @dataclass

@@ -16,6 +16,19 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
+def _full_slice_notes(report: dict[str, Any]) -> list[str]:
+    """For a slice cut short (a 7B/8B model's default), how long the profile's full one would take."""
+    lines = []
+    for a in report["artifacts"]:
+        acc = a.get("accuracy") or {}
+        if acc.get("full_slice"):
+            lines += ["", f"Accuracy of {a['path']} took {acc['eval_seconds'] / 60:.1f} min here on this slice; the "
+                      f"profile's full {acc['full_slice']['tokens']}-token slice would take about "
+                      f"{acc['full_slice']['estimated_seconds'] / 60:.0f} min (`llamaship validate --eval-tokens "
+                      f"{acc['full_slice']['tokens']}`)."]
+    return lines
+
+
 def _hub_jobs(report: dict[str, Any]) -> list[str]:
     """Each AI Hub job's outcome (`profile --hub` reports): a failed device says why."""
     lines = []
@@ -61,6 +74,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                       "simulator." + (f" On that slice {cpu['path']} measures KLD {cpu['mean_kld']:.4f}, top-1 "
                                       f"{cpu['top1_agreement']:.3f}, PPL {cpu['ppl']:.3f}: ratio of KLDs "
                                       f"{acc['kld_ratio_vs_cpu']:.2f}." if cpu else "")]
+    lines += _full_slice_notes(report)
     speeds = [(a["path"], a["speed"]) for a in report["artifacts"] if a.get("speed")]
     if speeds:
         lines.append("")

@@ -5,6 +5,7 @@ bandwidth roofline), device fit, gates, and the report files."""
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,6 @@ from typing import Any
 
 from llamaship import backends
 from llamaship.export.llama.checkpoint import Checkpoint
-from llamaship.export.llama.model import build_model
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.targets import accuracy
 from llamaship.targets.fit import predict_fit, predict_sizes
@@ -90,15 +90,38 @@ def eval_slice_for(ckpt: Checkpoint, artifacts: list[dict[str, Any]], profiles: 
     (an artifact scored on a slice of its own, like the NPU graph, does not count)."""
     window = min([p.eval_window for p in profiles] + [a["max_context"] for a in artifacts
                                                       if backends.get(a["format"]).shares_eval_slice])
-    n_tokens = eval_tokens or max(p.eval_tokens for p in profiles)
+    n_tokens = eval_tokens or default_eval_tokens(ckpt.spec, profiles, window)
     return accuracy.make_slice(ckpt.tokenizer, n_tokens, window)
 
 
+# Validation of one artifact should take about half an hour on this 2-core class of machine. From
+# 1B parameters up, the profile's full slice would take hours, so the default slice is cut to what
+# the budget allows. Measured at Llama 3 8B (random weights, real shapes; bench/fullsize.py): the
+# streamed fp32 reference 0.13 s per token, the .pte token by token 0.16 s, i.e. 0.3 s per slice
+# token for one artifact; scaled by parameters for other sizes.
+LARGE_MODEL_PARAMS = 1_000_000_000
+VALIDATE_BUDGET_S = 1800
+EVAL_S_PER_TOKEN_8B = 0.3
+
+
+def default_eval_tokens(spec: Any, profiles: list[Profile], window: int) -> int:
+    """The profile's slice, or for a model of 1B parameters and more the whole windows that fit
+    the half-hour budget (at least two)."""
+    full = max(p.eval_tokens for p in profiles)
+    params = spec.param_count()
+    if params < LARGE_MODEL_PARAMS:
+        return full
+    per_token = EVAL_S_PER_TOKEN_8B * params / 8.03e9
+    fits = int(VALIDATE_BUDGET_S / per_token) // window * window
+    return min(full, max(2 * window, fits))
+
+
 def reference_for(ckpt: Checkpoint, eval_slice: accuracy.EvalSlice, progress: Callable[[str], None]) -> Any:
-    ref_model = build_model(ckpt.spec, ckpt.state, max_context=eval_slice.window, impl="torch", full_logits=True)
-    reference = accuracy.reference_logprobs(ref_model, eval_slice, ckpt.sha256(), progress)
-    del ref_model
-    return reference
+    """The fp32 reference, one block at a time over every window (targets/reference.py): one
+    block's weights in memory, never the whole fp32 model (32 GB for 8B)."""
+    from llamaship.targets.reference import streamed_logprobs
+
+    return streamed_logprobs(ckpt.spec, ckpt.state, eval_slice, ckpt.sha256(), progress)
 
 
 def artifact_accuracy(ckpt: Checkpoint, folder: Path, manifest: dict[str, Any], art: dict[str, Any],
@@ -107,7 +130,14 @@ def artifact_accuracy(ckpt: Checkpoint, folder: Path, manifest: dict[str, Any], 
     backend = backends.get(art["format"])
     how = "token by token, KV cache" if backend.shares_eval_slice else "prompt chunks, app-side cache"
     progress(f"accuracy of {art['path']} on {backend.runtime} ({how})")
-    return backend.accuracy(Scoring(ckpt, folder, manifest, profiles, eval_slice, reference, progress), art)
+    start = time.perf_counter()
+    acc = backend.accuracy(Scoring(ckpt, folder, manifest, profiles, eval_slice, reference, progress), art)
+    seconds = time.perf_counter() - start
+    acc["eval_seconds"] = round(seconds, 1)
+    full = max(p.eval_tokens for p in profiles)
+    if backend.shares_eval_slice and len(eval_slice.tokens) < full:  # what the profile's full slice would cost
+        acc["full_slice"] = {"tokens": full, "estimated_seconds": round(seconds * full / len(eval_slice.tokens))}
+    return acc
 
 
 def validate(

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from llamaship.cli import main
@@ -76,6 +77,44 @@ def test_stepwise_fp32_artifact_matches_reference(tiny_ckpt, tiny_fp32_pte):
     assert acc.ref_ppl == pytest.approx(accuracy.evaluate_reference_self(s, ref), rel=1e-6)
     # cached: a second call reads the same file instead of recomputing
     assert len(list(accuracy.cache_dir().glob("*.npy"))) >= 1
+
+
+def test_streamed_reference_is_the_whole_models_and_resumes(tiny_ckpt, tmp_path, monkeypatch):
+    """One block at a time over every window gives the whole fp32 module's log-probs (to fp32
+    rounding, stored fp16); interrupted after a block, a rerun resumes there and gets the same."""
+    from llamaship.export.llama.model import build_model
+    from llamaship.targets.reference import streamed_logprobs
+
+    s = accuracy.make_slice(tiny_ckpt.tokenizer, 512, 128)
+    monkeypatch.setenv("LLAMASHIP_CACHE", str(tmp_path / "whole"))
+    model = build_model(tiny_ckpt.spec, tiny_ckpt.state, max_context=128, full_logits=True)
+    whole = np.array(accuracy.reference_logprobs(model, s, "sha", progress=lambda m: None), dtype=np.float32)
+
+    monkeypatch.setenv("LLAMASHIP_CACHE", str(tmp_path / "streamed"))
+    lines: list[str] = []
+
+    def stop_after_first_block(msg: str) -> None:
+        lines.append(msg)
+
+    class Stop(Exception):
+        pass
+
+    def counter(label: str, done: int, total: int, note: str = "") -> None:
+        if "blocks" in label and done == 1:
+            raise Stop
+
+    stop_after_first_block.advance = counter  # type: ignore[attr-defined]
+    with pytest.raises(Stop):
+        streamed_logprobs(tiny_ckpt.spec, tiny_ckpt.state, s, "sha", stop_after_first_block)
+    folder = accuracy.cache_dir()
+    assert [p.name.split(".", 1)[1] for p in sorted(folder.iterdir())] == ["hidden.json", "hidden.npy"]
+    assert json.loads(next(folder.glob("*.hidden.json")).read_text())["blocks_done"] == 1
+    resumed = np.array(streamed_logprobs(tiny_ckpt.spec, tiny_ckpt.state, s, "sha", lines.append), dtype=np.float32)
+    assert any("resuming after block 1 of 2" in ln for ln in lines)
+    assert sorted(p.suffix for p in folder.iterdir()) == [".npy"]  # the work files are gone, the entry stays
+    assert resumed.shape == whole.shape
+    np.testing.assert_allclose(resumed, whole, rtol=2e-3, atol=2e-3)  # fp16 storage of fp32-equal values
+    assert (np.abs(resumed - whole) > 0).mean() < 0.01
 
 
 def test_quantized_artifact_passes_and_broken_one_fails(tmp_path, tiny_ckpt, folder, tiny_profile):
@@ -176,3 +215,30 @@ def test_weights_prediction_matches_real_pte_size(tiny_ckpt, tiny_q_pte):
     fit = predict_fit(tiny_ckpt.spec, QuantScheme(), load_profile("x86_emulator"), context=128)
     assert fit.weight_bytes < tiny_q_pte.stat().st_size < fit.weight_bytes + 80_000
 
+
+
+def test_large_models_default_to_a_slice_that_fits_the_half_hour(tiny_ckpt):
+    """From 1B parameters up, `validate`'s default slice is the whole windows one artifact's
+    validation fits in about 30 minutes here, not the profile's 32768 tokens (hours at 8B)."""
+    from llamaship.targets.validate import EVAL_S_PER_TOKEN_8B, VALIDATE_BUDGET_S, default_eval_tokens
+
+    profile = load_profile("x86_emulator")
+    assert default_eval_tokens(tiny_ckpt.spec, [profile], 512) == profile.eval_tokens
+    l3 = load_spec(CONFIGS / "meta-llama-3-8b" / "params.json")
+    n = default_eval_tokens(l3, [profile], 512)
+    assert n % 512 == 0 and 1024 <= n < profile.eval_tokens
+    assert n * EVAL_S_PER_TOKEN_8B <= VALIDATE_BUDGET_S < (n + 512) * EVAL_S_PER_TOKEN_8B
+    l2 = load_spec(CONFIGS / "llama-2-7b-hf" / "config.json")
+    assert default_eval_tokens(l2, [profile], 512) >= n  # fewer parameters, at least as many tokens
+
+
+def test_a_cut_slice_says_what_the_full_one_would_take():
+    from llamaship.targets.report import render_markdown
+
+    acc = {"ppl": 1.0, "ppl_ratio": 1.0, "mean_kld": 0.1, "top1_agreement": 0.9, "rms_dp": 0.01,
+           "eval_seconds": 600.0, "full_slice": {"tokens": 32768, "estimated_seconds": 9600}}
+    report = {"model": "m", "slice": "first 2048 tokens", "reference": None, "targets": [],
+              "artifacts": [{"path": "model.pte", "format": "executorch", "scheme": "s", "size_bytes": 1,
+                             "accuracy": acc, "speed": None}]}
+    md = render_markdown(report)
+    assert "took 10.0 min here on this slice; the profile's full 32768-token slice would take about 160 min" in md

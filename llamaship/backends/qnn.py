@@ -105,17 +105,15 @@ class Qnn(Backend):
         """On a short slice of its own (one prompt chunk takes ~35 s for SmolLM2 on the simulator):
         windows of two chunks, the second scored with the first in the cache. The bundle's CPU
         artifact is scored on the same slice, so the gate can compare the two."""
-        from llamaship.export.llama.model import build_model
         from llamaship.targets import accuracy
+        from llamaship.targets.reference import streamed_logprobs
 
         ckpt, progress = ctx.ckpt, ctx.progress
         chunk = art["max_seq_len"]
         n_tokens = min(p.npu_eval_tokens for p in ctx.profiles)
         npu_slice = accuracy.make_slice(ckpt.tokenizer, n_tokens, 2 * chunk)
         progress(f"NPU accuracy slice: {npu_slice.describe()} (HTP simulator: ~{npu_slice.n_windows * 2} chunk calls)")
-        ref_model = build_model(ckpt.spec, ckpt.state, max_context=npu_slice.window, impl="torch", full_logits=True)
-        reference = accuracy.reference_logprobs(ref_model, npu_slice, ckpt.sha256(), progress)
-        del ref_model
+        reference = streamed_logprobs(ckpt.spec, ckpt.state, npu_slice, ckpt.sha256(), progress)
         with self.load_module(ctx.folder, art) as module:  # type: ignore[attr-defined]
             acc = accuracy.evaluate_chunked(module.forward, npu_slice, reference, progress).to_json()
         cpu = next((a for a in ctx.manifest.get("artifacts", []) if ctx.backend_of(a).cpu_reference), None)
