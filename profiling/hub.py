@@ -170,17 +170,12 @@ def upload_folder(folder: Path, files: list[str]) -> Iterator[Path]:
         yield out
 
 
-def _model_files(bundle: Path, manifest: dict[str, Any], fmt: str) -> tuple[Path, list[str]]:
-    art = next(a for a in manifest["artifacts"] if a["format"] == fmt)
+def _model_files(bundle: Path, art: dict[str, Any]) -> tuple[Path, list[str]]:
+    """The artifact's graph and the one file beside it that holds its weights (the manifest's
+    `external_data`: the ONNX model's .data, the NPU graph's context binary)."""
     path = bundle / art["path"]
-    if fmt == "qnn":
-        return path.parent, [path.name, *json.loads((bundle / art["config"]).read_text())["context_binaries"]]
-    from llamaship.targets.onnx_runtime import _decoder_config
-
-    folder = path if path.is_dir() else path.parent
-    model = _decoder_config(folder)["filename"]
-    data = [f.name for f in folder.iterdir() if f.name.startswith(model) and f.name.endswith(".data")]
-    return folder, [model, *data]
+    extra = [Path(art["external_data"]).name] if art.get("external_data") else []
+    return path.parent, [path.name, *extra]
 
 
 def plan_jobs(bundle: Path, manifest: dict[str, Any], devices: list[Any], formats: list[str],
@@ -216,7 +211,7 @@ def submit(client: Any, bundle: Path, manifest: dict[str, Any], jobs: list[HubJo
     """Uploads each artifact once and submits its jobs; a job the service refuses is marked, the
     others go on."""
     for fmt in dict.fromkeys(j.fmt for j in jobs if j.status == "pending"):
-        folder, files = _model_files(bundle, manifest, fmt)
+        folder, files = _model_files(bundle, next(a for a in manifest["artifacts"] if a["format"] == fmt))
         progress(f"AI Hub: uploading {fmt} ({', '.join(files)})")
         try:
             with upload_folder(folder, files) as staged:
@@ -364,19 +359,17 @@ def accuracy_from_jobs(jobs: list[HubJob], ref_logprobs: Any, window: list[int])
                     torch.tensor([window[positions[i] + 1] for i in keep]))
     if not acc.n:
         return None
-    ppl, ref_ppl = float(np.exp(acc.nll / acc.n)), float(np.exp(acc.ref_nll / acc.n))
     n_replayed = max(j.extra["start"] + len(j.extra["replayed"]) for j in jobs)
-    return {"ppl": ppl, "ref_ppl": ref_ppl, "ppl_ratio": ppl / ref_ppl, "mean_kld": acc.kld / acc.n,
-            "top1_agreement": acc.agree / acc.n, "rms_dp": float(np.sqrt(acc.dp2 / acc.n)),
-            "scored_tokens": acc.n,
-            "slice": f"first {n_replayed} tokens of WikiText-2 test (the first validation window) replayed on "
-                     f"the device, {acc.n} positions scored"}
+    return acc.result(f"first {n_replayed} tokens of WikiText-2 test (the first validation window) replayed on "
+                      f"the device, {acc.n} positions scored").to_json()
 
 
 def device_reports(bundle: Path, manifest: dict[str, Any], jobs: list[HubJob], ref_logprobs: Any,
                    window: list[int], slice_text: str, prediction: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     """One report per device, in the host validation format (a `device` section, no gates: device
     figures are for comparison), with each job's status."""
+    from llamaship.targets.validate import artifact_bytes
+
     reports: dict[str, dict[str, Any]] = {}
     for device in dict.fromkeys(j.device.name for j in jobs):
         mine = [j for j in jobs if j.device.name == device]
@@ -394,11 +387,8 @@ def device_reports(bundle: Path, manifest: dict[str, Any], jobs: list[HubJob], r
                                             f"{fmt} on {device} (Qualcomm AI Hub profiler; {how})")
                 if ref_logprobs is not None:
                     acc = accuracy_from_jobs(list(by_kind.values()), ref_logprobs, window)
-            path = bundle / art["path"]
-            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else \
-                sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file() and f.suffix in (".onnx", ".bin"))
             arts.append({"format": fmt, "path": art["path"], "scheme": art.get("scheme", manifest["quant"]["name"]),
-                         "size_bytes": size, "accuracy": acc, "speed": speed,
+                         "size_bytes": artifact_bytes(bundle, art), "accuracy": acc, "speed": speed,
                          "hub_jobs": [{"kind": j.kind, "status": j.status, "message": j.message,
                                        "job_id": getattr(j.job, "job_id", None)} for j in by_kind.values()]})
         first = mine[0].device

@@ -212,12 +212,12 @@ class _Accumulator:
         self.dp2 += float(((lq.gather(1, idx).exp() - lp.gather(1, idx).exp()) ** 2).sum())
         self.n += len(targets)
 
-    def result(self, eval_slice: EvalSlice) -> Accuracy:
+    def result(self, slice_text: str) -> Accuracy:
         ppl, ref_ppl = math.exp(self.nll / self.n), math.exp(self.ref_nll / self.n)
         return Accuracy(
             ppl=ppl, ref_ppl=ref_ppl, ppl_ratio=ppl / ref_ppl, mean_kld=self.kld / self.n,
             top1_agreement=self.agree / self.n, rms_dp=math.sqrt(self.dp2 / self.n),
-            scored_tokens=self.n, slice=eval_slice.describe(),
+            scored_tokens=self.n, slice=slice_text,
         )
 
 
@@ -243,7 +243,7 @@ def evaluate_stepwise(
         acc.add(torch.stack(rows), torch.from_numpy(np.array(reference[w], dtype=np.float32)), targets)
         rate = calls / max(time.perf_counter() - start, 1e-9)
         advance(progress, "artifact windows", w + 1, eval_slice.n_windows, f"{rate:.1f} tok/s")
-    return acc.result(eval_slice)
+    return acc.result(eval_slice.describe())
 
 
 def evaluate_reference_self(eval_slice: EvalSlice, reference: np.ndarray) -> float:
@@ -274,4 +274,4 @@ def evaluate_chunked(
         targets = torch.tensor(window[s + 1 :])
         acc.add(logits, torch.from_numpy(np.array(reference[w], dtype=np.float32)), targets)
         advance(progress, "artifact windows", w + 1, eval_slice.n_windows)
-    return acc.result(eval_slice)
+    return acc.result(eval_slice.describe())

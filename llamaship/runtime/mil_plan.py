@@ -94,10 +94,17 @@ def _slice_by_index(x: torch.Tensor, begin: Any, end: Any, stride: Any = None, b
 def _slice_update(x: torch.Tensor, update: torch.Tensor, begin: Any, end: Any, stride: Any = None,
                   begin_mask: Any = None, end_mask: Any = None, squeeze_mask: Any = None,
                   in_place: bool = False) -> torch.Tensor:
+    return _write(x, update, _slices(x.dim(), begin, end, stride, begin_mask, end_mask), in_place)
+
+
+def _write(x: torch.Tensor, update: torch.Tensor, idx: tuple[int | slice, ...], in_place: bool) -> torch.Tensor:
+    """`update` into x[idx], into x itself when the plan proved that safe, else into a copy; a
+    write-back of what is already there (the KV-cache pattern after an in-place update) copies
+    nothing."""
     out = x if in_place else x.clone()
-    target = out[_slices(x.dim(), begin, end, stride, begin_mask, end_mask)]
+    target = out[idx]
     if not (update.data_ptr() == target.data_ptr() and update.shape == target.shape
-            and update.stride() == target.stride()):  # a write-back of what is already there
+            and update.stride() == target.stride()):
         target.copy_(update.reshape(target.shape))
     return out
 
@@ -204,15 +211,7 @@ def _prep_slice_update(static: dict[str, Any], rank: int | None, in_place: bool)
     idx = _region(static, rank, squeeze=False)
     if idx is None:
         return None
-
-    def write(x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-        out = x if in_place else x.clone()
-        target = out[idx]
-        if not (update.data_ptr() == target.data_ptr() and update.stride() == target.stride()
-                and update.shape == target.shape):  # a write-back of what is already there
-            target.copy_(update.reshape(target.shape))
-        return out
-    return write, ["x", "update"]
+    return (lambda x, update: _write(x, update, idx, in_place)), ["x", "update"]
 
 
 def _prep_reshape(static: dict[str, Any], rank: int | None, in_place: bool) -> Prepared | None:
