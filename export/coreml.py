@@ -99,10 +99,10 @@ def convert_quantized(
     import coremltools as ct
     from torch.export import Dim
 
-    from llamaship.quantize.torchao_pack import codes_packer
+    from llamaship.quantize.torchao_pack import PackingState, codes_packer
 
     on_loaded = codes_packer(quantized, "none", offload_dir=work)
-    model = CoreMLLlama(build_model(spec, quantized.state(state), max_context=max_context, impl="torch",
+    model = CoreMLLlama(build_model(spec, PackingState(quantized, state), max_context=max_context, impl="torch",
                                     on_loaded=on_loaded)).eval()
     progress("Core ML: tracing with torch.export")
     # torch.export specializes a mask as wide as the cache (it traces a different branch there);

@@ -88,14 +88,14 @@ def export_pte(
         with contextlib.ExitStack() as stack:
             if scheme is not None:
                 from llamaship.quantize.stage import stage_output
-                from llamaship.quantize.torchao_pack import codes_packer
+                from llamaship.quantize.torchao_pack import PackingState, codes_packer
 
                 scheme.check_fits(spec)
                 quantized = stack.enter_context(stage_output(spec, state, scheme, quantized, out_path.parent, progress))
                 progress(f"packing {scheme.name} ({scheme.algorithm} codes) as torchao tensors, block by block"
                          + (f" (values memory-mapped from {offload_dir})" if offload_dir else ""))
                 on_loaded = codes_packer(quantized, scheme.activations, offload_dir=offload_dir)
-                state = quantized.state(state)
+                state = PackingState(quantized, state)
             model: Llama = build_model(spec, state, max_context=max_context, impl="executorch",
                                        full_logits=full_logits, on_loaded=on_loaded)
         timings["quantize_s"] = time.perf_counter() - t0

@@ -81,9 +81,9 @@ def build_runner_module(spec: ModelSpec, state: Mapping[str, torch.Tensor], quan
     tensors (also the tests' reference)."""
     if quantized is None:
         return CoreMLRunnerLlama(build_model(spec, state, max_context=max_context, impl="torch").eval()).eval()
-    from llamaship.quantize.torchao_pack import codes_packer
+    from llamaship.quantize.torchao_pack import PackingState, codes_packer
 
-    model = build_model(spec, quantized.state(state), max_context=max_context, impl="torch",
+    model = build_model(spec, PackingState(quantized, state), max_context=max_context, impl="torch",
                         on_loaded=codes_packer(quantized, "none"))
     return CoreMLRunnerLlama(model.eval()).eval()
 

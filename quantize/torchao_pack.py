@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from llamaship.export.llama.model import Llama
-from llamaship.quantize.checkpoint import QuantizedCheckpoint
+from llamaship.quantize.checkpoint import QuantizedCheckpoint, QuantizedState
 from llamaship.quantize.codes import QTensor
 
 OFFLOAD_MIN_NUMEL = 1 << 16  # small tensors are not worth a file each
@@ -53,6 +53,18 @@ def to_torchao(qt: QTensor, int8_activations: bool) -> torch.Tensor:
         block_size=(1, qt.group_size), dtype=torch.float32, activation_quantization=act)
 
 
+class PackingState(QuantizedState):
+    """The state a build with `codes_packer` reads: each quantized matrix is a meta tensor of its
+    shape, because the packer swaps it for its codes before anything reads it. Why: reading the
+    stage's state dequantizes each matrix to fp32 first, and Llama 3 8B's embedding and lm_head
+    are 2.1 GB each that way, ~6 GiB with the temporaries, the largest thing an 8B export held."""
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.quantized:
+            return torch.empty(self.shape(name), dtype=torch.float32, device="meta")
+        return super().__getitem__(name)
+
+
 def codes_packer(quantized: QuantizedCheckpoint, activations: str, offload_dir: Path | None = None):  # type: ignore[no-untyped-def]
     """`on_loaded(model, prefix)` for `Llama.load_weights`: as soon as a group (the embedding, a
     block, the lm_head) is loaded, its quantized matrices become torchao tensors of the stage's
@@ -69,6 +81,9 @@ def codes_packer(quantized: QuantizedCheckpoint, activations: str, offload_dir: 
                 continue
             dynamic = isinstance(module, nn.Linear) and activations == "int8_dynamic"
             module.weight = nn.Parameter(to_torchao(quantized.get(f"{fqn}.weight"), dynamic), requires_grad=False)
+        unpacked = [n for n, p in group.named_parameters() if p.is_meta]
+        if unpacked:  # a PackingState placeholder that no packer rule replaced
+            raise ValueError(f"{prefix}: quantized weights {unpacked} have no torchao packing here")
         if offload_dir is not None:
             offload_qdata(group, offload_dir)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,27 +29,21 @@ def runtime_name() -> str:
                  "no Core ML runtime on Linux)")
 
 
-# The evaluator holds the program's weights unpacked plus its dequantized-weight cache: Llama 3 8B
-# (4.8 GB of weights in the package) was OOM-killed at 22.4 GiB on a 24 GB machine with the
-# interpreter's fp32 cache, i.e. more than 4.5 bytes per stored byte. The compiled plan keeps fp16
-# (SmolLM2 int4: +634 MB for 105 MB stored, fp16: +649 MB for 270 MB); the factor stays until an 8B
-# program has been measured through it.
-EVALUATOR_BYTES_PER_WEIGHT_BYTE = 5
-
-
-def check_evaluator_memory(package: Path) -> None:
-    """Refuse, with the reason, a program the NumPy evaluator cannot hold in this machine's memory
-    (instead of the OOM killer ending the whole export)."""
+def check_evaluator_memory(package: Path, program: Any) -> None:
+    """Refuse, with the reason, a program the evaluator cannot hold in this machine's memory
+    (instead of the OOM killer ending the whole export): the plan's own estimate of what it keeps
+    (`mil_plan.memory_estimate`), made from the program before its weights are read."""
     from llamaship.runtime.mil_eval import WEIGHT_CACHE_BYTES
+    from llamaship.runtime.mil_plan import memory_estimate
 
-    weights = sum(f.stat().st_size for f in Path(package).rglob("*.bin"))
-    need = weights * EVALUATOR_BYTES_PER_WEIGHT_BYTE + min(WEIGHT_CACHE_BYTES, weights * 8)
+    need = memory_estimate(program, WEIGHT_CACHE_BYTES)
     avail = available_memory()
     if avail is not None and need > avail:
+        weights = sum(f.stat().st_size for f in Path(package).rglob("*.bin"))
         raise RuntimeFailure(
-            f"{package}: the MIL reference evaluator would need about {need / 2**30:.0f} GiB for these "
-            f"{weights / 1e9:.1f} GB of weights and {avail / 2**30:.0f} GiB are available; run this "
-            "artifact with Core ML on a Mac (the same code path calls MLModel.predict there)")
+            f"{package}: the MIL reference evaluator would need about {need / 2**30:.1f} GiB for these "
+            f"{weights / 1e9:.1f} GB of weights and {avail / 2**30:.1f} GiB are available; free memory, or run "
+            "this artifact with Core ML on a Mac (the same code path calls MLModel.predict there)")
 
 
 class CoreMLModule:
@@ -69,8 +64,7 @@ class CoreMLModule:
         else:
             from llamaship.runtime.mil_eval import MilModel
 
-            check_evaluator_memory(self.package)
-            self._eval = MilModel(self.package, engine=engine)
+            self._eval = MilModel(self.package, engine=engine, check=partial(check_evaluator_memory, self.package))
 
     def reset(self) -> None:
         if self._mlmodel is not None:  # pragma: no cover

@@ -13,7 +13,7 @@ from llamaship.export.llama.model import Llama, build_model
 from llamaship.quantize.checkpoint import QuantizedCheckpoint
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.quantize.stage import quantize_checkpoint
-from llamaship.quantize.torchao_pack import codes_packer
+from llamaship.quantize.torchao_pack import PackingState, codes_packer
 
 # the scheme of the tiny fixtures: calibrated, so identity across formats means the stage ran once
 TINY_SCHEME = QuantScheme(algorithm="gptq", calibration_tokens=1024)
@@ -28,5 +28,5 @@ def stage(ckpt: Any, scheme: QuantScheme, folder: Path, spec: Any = None,
 def packed_model(spec: Any, state: Mapping[str, torch.Tensor], quantized: QuantizedCheckpoint, max_context: int,
                  activations: str, impl: str = "torch") -> Llama:
     """The eager module with the stage's codes as torchao tensors (what the exporters lower)."""
-    return build_model(spec, quantized.state(state), max_context=max_context, impl=impl,
+    return build_model(spec, PackingState(quantized, state), max_context=max_context, impl=impl,
                        on_loaded=codes_packer(quantized, activations))

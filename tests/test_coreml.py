@@ -22,7 +22,7 @@ from llamaship.errors import RuntimeFailure
 from llamaship.export.coreml import causal_mask, describe_quantization, export_coreml
 from llamaship.export.llama.model import build_model
 from llamaship.quantize.scheme import QuantScheme
-from llamaship.runtime import mil_eval
+from llamaship.runtime import mil_eval, mil_plan
 from llamaship.targets.coreml_runtime import CoreMLModule, generate_ids
 from tests.quant import packed_model, stage
 from tests.steps import DECODE, PROMPT, eager_steps, run_steps
@@ -205,17 +205,42 @@ def test_int4_program_is_close_but_really_quantized(tiny_ckpt, int4_package, fp1
         assert (g - f).abs().max().item() > 1e-3
 
 
-def test_evaluator_without_weight_cache_gives_the_same_logits(int4_package):
-    """Over the cache budget (a 7B/8B program), weights are dequantized per call instead of kept."""
+def test_evaluator_over_its_cache_budget_runs_linears_from_the_codes(int4_package):
+    """Over the cache budget (a 7B/8B program), the 4-bit linears run from their codes through
+    MatMulNBits and the other weights are dequantized per call: the same logits to an fp16 ulp."""
     cached, uncached = mil_eval.MilModel(int4_package[0]), mil_eval.MilModel(int4_package[0], weight_cache_bytes=0)
-    inputs = {"input_ids": np.asarray([PROMPT], dtype=np.int32),
-              "causal_mask": causal_mask(0, len(PROMPT), np.float16)}
-    a, b = cached.predict(inputs), uncached.predict(inputs)
-    assert np.array_equal(a["logits"], b["logits"])
+    assert not cached._plan.nbits  # noqa: SLF001
+    linears = [op for op in cached.program.ops if op.op_type == "linear"]
+    assert len(uncached._plan.nbits) == len(linears) - 1  # noqa: SLF001  (all but the int8 lm_head)
+    for pos, token in enumerate(PROMPT):
+        inputs = {"input_ids": np.asarray([[token]], dtype=np.int32), "causal_mask": causal_mask(pos, 1, np.float16)}
+        a, b = cached.predict(inputs)["logits"], uncached.predict(inputs)["logits"]
+        assert fp16_ulps(b, a) <= 4 and a.argmax() == b.argmax()
     dequantized = [s for s in uncached._plan.steps if s.op.op_type == "constexpr_blockwise_shift_scale"]  # noqa: SLF001
     assert dequantized and not any(s.op.op_type == "constexpr_blockwise_shift_scale" for s in cached._plan.steps)  # noqa: SLF001
     # and the per-call weights are released after their last reader, not held to the end
     assert all(any(st.free for st in uncached._plan.steps if st.out != d.out) for d in dequantized)  # noqa: SLF001
+
+
+@pytest.mark.parametrize(("signed", "offset", "block", "rows"), [(True, True, 32, 1), (True, False, 64, 3),
+                                                                 (False, True, 16, 2), (True, True, 32, 5)])
+def test_nbits_linear_matches_the_dequantized_product(signed, offset, block, rows):
+    """MatMulNBits on the codes = x @ (scale * (data - offset)).T in fp16, to an fp16 ulp of the
+    row (odd block counts exercise the zero-point padding)."""
+    from llamaship.runtime.mil_nbits import NBitsLinear
+
+    rng = np.random.default_rng(block + rows)
+    n, k = 48, block * (3 if rows == 5 else 4)
+    lo, hi = (-8, 8) if signed else (0, 16)
+    data = rng.integers(lo, hi, (n, k)).astype(np.int8 if signed else np.uint8)
+    off = rng.integers(lo, hi, (n, k // block)).astype(data.dtype) if offset else None
+    scale = (rng.random((n, k // block)) * 0.05 + 0.01).astype(np.float16)
+    w = mil_plan.dequantize(data, scale, off).to(torch.float16)
+    x = torch.from_numpy(rng.standard_normal((1, rows, k)).astype(np.float16))
+    got = NBitsLinear(data, scale, off, signed)(x)
+    want = (x.double() @ w.double().T).numpy()
+    assert got.dtype == torch.float16 and got.shape == (1, rows, n)
+    assert fp16_ulps(got.numpy(), want) <= 2
 
 
 def test_program_too_large_for_the_evaluator_is_refused_with_the_reason(fp16_package, tiny_ckpt, monkeypatch):

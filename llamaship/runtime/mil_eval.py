@@ -15,7 +15,9 @@ itself through the same interface.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -239,8 +241,46 @@ def _is_float(*xs: Any) -> bool:
     return any(np.issubdtype(np.asarray(x).dtype, np.floating) for x in xs)
 
 
+DEFERRED_MIN_ELEMENTS = 4096  # weight blobs at least this large are read when used, not at load
+
+
+@contextlib.contextmanager
+def _deferred_blobs() -> Iterator[dict[int, tuple[Array, Callable[[], Array]]]]:
+    """While coremltools' MIL-proto loader runs, each large weight blob becomes a zero-byte
+    placeholder of its shape and dtype (a broadcast scalar), with a loader that reads it later.
+    Why: the loader reads every blob and unpacks 4-bit values one byte each, about 2.5 bytes per
+    stored byte, so an 8B program (4.8 GB stored) would need ~12 GB before the evaluator starts;
+    the evaluator wants each weight once, in its own form (packed for ONNX Runtime's MatMulNBits,
+    or dequantized), and can drop what it read. The loader keeps `id(placeholder)` -> (placeholder,
+    read)."""
+    from coremltools.converters.mil.frontend.milproto import load as milproto
+    from coremltools.converters.mil.mil import types
+
+    original = milproto._load_value
+    deferred: dict[int, tuple[Array, Callable[[], Array]]] = {}
+
+    def load_value(context: Any, value_spec: Any) -> Any:
+        if value_spec.WhichOneof("value") == "blobFileValue" and value_spec.type.WhichOneof("type") == "tensorType":
+            valuetype = milproto.proto_to_types(value_spec.type)
+            if types.is_tensor(valuetype):
+                shape = tuple(int(d) for d in valuetype.get_shape())
+                if int(np.prod(shape)) >= DEFERRED_MIN_ELEMENTS:
+                    dtype = types.nptype_from_builtin(valuetype.get_primitive())
+                    placeholder = np.broadcast_to(np.zeros((), dtype), shape)
+                    deferred[id(placeholder)] = (placeholder, partial(original, context, value_spec))
+                    return placeholder
+        return original(context, value_spec)
+
+    milproto._load_value = load_value
+    try:
+        yield deferred
+    finally:
+        milproto._load_value = original
+
+
 class Program:
-    """The main function of a saved .mlpackage, as coremltools' MIL-proto loader reads it."""
+    """The main function of a saved .mlpackage, as coremltools' MIL-proto loader reads it, with its
+    large weights read only when `value(var)` asks for them (`_deferred_blobs`)."""
 
     def __init__(self, package: Path) -> None:
         import coremltools as ct
@@ -252,12 +292,18 @@ class Program:
         try:
             spec = ct.utils.load_spec(str(package))
             weights = package / "Data" / "com.apple.CoreML" / "weights"
-            prog = milproto.load(spec, spec.specificationVersion, file_weights_dir=str(weights))
+            with _deferred_blobs() as deferred:
+                prog = milproto.load(spec, spec.specificationVersion, file_weights_dir=str(weights))
         except Exception as exc:
             raise RuntimeFailure(f"{package}: cannot read the ML program: {exc}") from exc
         self.spec = spec
         self.function = prog.functions["main"]
         self.ops = list(self.function.operations)
+        self._read: dict[str, Callable[[], Array]] = {}
+        for op in self.ops:
+            entry = deferred.get(id(op.outputs[0].val)) if op.op_type == "const" else None
+            if entry is not None and entry[0] is op.outputs[0].val:
+                self._read[op.outputs[0].name] = entry[1]
         self.state_names = [s.name for s in spec.description.state]
         self.output_names = [o.name for o in self.function.outputs]
         # slice_update may write into its input when every other reader of it has already run
@@ -274,6 +320,15 @@ class Program:
                 f"{package}: the MIL evaluator does not implement {unknown}; it refuses to guess their "
                 "semantics (add them to targets/mil_eval.py with a test against PyTorch)"
             )
+
+    def value(self, var: Any) -> Any:
+        """The const's value: a deferred weight is read from the package now (a new array the
+        caller owns; nothing keeps it here), anything else is coremltools' `var.val`."""
+        read = self._read.get(var.name)
+        return read() if read is not None else var.val
+
+    def deferred(self, var: Any) -> bool:
+        return var.name in self._read
 
     @staticmethod
     def consumers(var: Any) -> list[str]:
@@ -293,10 +348,12 @@ class MilModel:
     above: the readable statement of what each op means, which the plan is tested against."""
 
     def __init__(self, package: Path, weight_cache_bytes: int = WEIGHT_CACHE_BYTES,
-                 engine: str = "plan") -> None:
+                 engine: str = "plan", check: Callable[[Program], None] | None = None) -> None:
         if engine not in ("plan", "reference"):
             raise ValueError(f"unknown MIL engine {engine!r}")
         self.program = Program(package)
+        if check is not None:  # e.g. will it fit in memory: the program is read, its weights are not yet
+            check(self.program)
         self.engine = engine
         self._weights: dict[str, Array] = {}  # dequantized / widened constants, made once
         self._cache_left = weight_cache_bytes
@@ -342,7 +399,7 @@ class MilModel:
         if var.name in self._weights:
             return self._weights[var.name]
         if var.val is not None:
-            val = var.val
+            val = self.program.value(var)
             if isinstance(val, np.ndarray) and val.dtype == np.float16 and val.size >= 1024:
                 # fp16 weights widened (exactly), once while the cache budget lasts; ops compute in fp32
                 val = self._keep(var.name, val.astype(np.float32))

@@ -316,8 +316,10 @@ class Plan:
         self.steps: list[_Step] = []
         ops = [op for op in program.ops if op.op_type != "const"]
         in_place = self._in_place_ops(ops)
+        self.nbits = nbits_weights(ops, weight_cache_bytes)
         for op in ops:
-            if op.op_type == "constexpr_blockwise_shift_scale" and self._dequantize_at_load(op):
+            if op.op_type == "constexpr_blockwise_shift_scale" and (
+                    op.outputs[0].name in self.nbits or self._dequantize_at_load(op)):
                 continue
             self.steps.append(self._bind(op, id(op) in in_place))
         self.outputs = [(name, self.slot[name]) for name in program.output_names]
@@ -331,9 +333,10 @@ class Plan:
     def _const(self, var: Any) -> Any:
         if var.name in self.consts:
             return self.consts[var.name]
-        val = var.val
+        val = self.program.value(var)
         if isinstance(val, np.ndarray) and val.dtype in (np.float16, np.float32):
-            val = torch.from_numpy(np.array(val))  # a writable copy, in the declared dtype
+            # writable, in the declared dtype: a weight read from the package is already our own copy
+            val = torch.from_numpy(val if self.program.deferred(var) else np.array(val))
         elif isinstance(val, (np.floating, float)) and _is_float(var):
             val = float(val)
         self.consts[var.name] = val
@@ -347,10 +350,20 @@ class Plan:
         if nbytes > self._cache_left:
             return False
         self._cache_left -= nbytes
-        args = {k: v.val for k, v in op.inputs.items()}
+        args = {k: self.program.value(v) for k, v in op.inputs.items()}
         w = dequantize(args["data"], args["scale"], args.get("offset"))
         self.consts[out.name] = w.to(TORCH_DTYPE[_np_dtype(out)])
         return True
+
+    def _nbits_linear(self, op: Any) -> Callable[..., Any]:
+        from coremltools.converters.mil.mil import types
+
+        from llamaship.runtime.mil_nbits import NBitsLinear
+
+        data, offset = op.inputs["data"], op.inputs.get("offset")
+        return NBitsLinear(self.program.value(data), self.program.value(op.inputs["scale"]),
+                           None if offset is None else self.program.value(offset),
+                           signed=types.builtin_to_string(data.dtype) == "int4")
 
     def _kernel(self, op: Any, in_place: bool, static: dict[str, Any]) -> tuple[Callable[..., Any], list[str]]:
         """The callable for `op` and the input names it takes at run time; inputs in `static` (consts)
@@ -363,6 +376,8 @@ class Plan:
             return partial(self._update_state, op.inputs["state"].name), ["value"]
         if kind == "constexpr_blockwise_shift_scale":
             return dequantize, ["data", "scale", "offset"]
+        if kind == "linear" and op.inputs["weight"].name in self.nbits:
+            return self._nbits_linear(self.nbits[op.inputs["weight"].name]), ["x", "bias"]
         if not _is_float(out):  # integer / bool results: the program's shape arithmetic
             fn = _numpy_op(OPS[kind], False)
             return fn, list(inspect.signature(fn).parameters)
@@ -502,6 +517,68 @@ class Plan:
         finally:
             self._states = {}
         return {name: _to_numpy(env[slot]) for name, slot in self.outputs}
+
+
+def _nbytes(var: Any) -> int:
+    return int(np.prod(var.shape)) * np.dtype(_np_dtype(var) or np.float32).itemsize
+
+
+def _bits(var: Any) -> int:
+    from coremltools.converters.mil.mil import types
+
+    name = types.builtin_to_string(var.dtype)
+    return int("".join(c for c in name if c.isdigit()) or 32)
+
+
+def nbits_weights(ops: list[Any], budget: int) -> dict[str, Any]:
+    """The 4-bit weights that `linear` runs from their codes (`mil_nbits.NBitsLinear`): all that
+    qualify, but only when dequantizing every weight would not fit the cache budget (an 8B
+    program); below it every weight is dequantized at load, Core ML's own numerics."""
+    from llamaship.runtime import mil_nbits
+
+    consts = [op for op in ops if op.op_type == "constexpr_blockwise_shift_scale"]
+    if sum(_nbytes(op.outputs[0]) for op in consts) <= budget:
+        return {}
+    chosen = {}
+    for op in consts:
+        data, scale, offset, out = op.inputs["data"], op.inputs["scale"], op.inputs.get("offset"), op.outputs[0]
+        readers = out.child_ops
+        if readers and all(r.op_type == "linear" and r.inputs["weight"] is out for r in readers) and mil_nbits.eligible(
+                tuple(data.shape), tuple(scale.shape), None if offset is None else tuple(offset.shape), _bits(data)):
+            chosen[out.name] = op
+    return chosen
+
+
+NBITS_BYTES_PER_STORED_BYTE = 1.7  # MatMulNBits' copy of the codes plus its prepacked layout (measured 1.65)
+PER_CALL_BYTES_PER_WEIGHT_BYTE = 6  # dequantizing per call goes through fp32 temporaries
+RUNTIME_BYTES = 700 << 20  # the interpreter itself: Python, torch, coremltools, onnxruntime, the program
+
+
+def memory_estimate(program: Program, budget: int) -> int:
+    """Bytes the plan will hold for `program`: weights as it will keep them (runs from codes,
+    dequantized at load, or the largest one dequantized per call), float consts, states. Checked
+    before anything large is read, so a program too large for the machine is refused with the
+    reason rather than ended by the OOM killer."""
+    ops = [op for op in program.ops if op.op_type != "const"]
+    nbits = nbits_weights(ops, budget)
+    need, left, per_call = RUNTIME_BYTES, budget, 0
+    for op in ops:
+        if op.op_type != "constexpr_blockwise_shift_scale":
+            continue
+        out = op.outputs[0]
+        if out.name in nbits:
+            stored = sum(int(np.prod(v.shape)) * _bits(v) // 8 for v in op.inputs.values())
+            need += int(stored * NBITS_BYTES_PER_STORED_BYTE)
+        elif _nbytes(out) <= left:
+            left -= _nbytes(out)
+            need += _nbytes(out)
+        else:
+            per_call = max(per_call, _nbytes(out) * PER_CALL_BYTES_PER_WEIGHT_BYTE)
+    floats = sum(_nbytes(op.outputs[0]) for op in program.ops
+                 if op.op_type == "const" and program.deferred(op.outputs[0])
+                 and not any(c.op_type.startswith("constexpr_") for c in op.outputs[0].child_ops))
+    states = sum(_nbytes(var) for name, var in program.function.inputs.items() if name in program.state_names)
+    return need + per_call + floats + states
 
 
 def _defaults(fn: Callable[..., Any]) -> dict[str, Any]:
