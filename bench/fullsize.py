@@ -177,8 +177,12 @@ def table(rows: list[dict]) -> str:  # type: ignore[type-arg]
         done = f"{r['wall_s'] / 60:.1f} min" if r["exit"] == 0 else f"failed (exit {r['exit']})"
         if stage == "validate" and r["exit"] == 7:  # ran through; random weights fail the accuracy gates
             done = f"{r['wall_s'] / 60:.1f} min ({r['s_per_token']} s per scored-slice token)"
+        if stage == "selfcheck" and r["exit"] == 0:
+            own, codes = r["artifact_vs_own_fake_quant"], r["own_fake_quant_vs_fp32"]
+            done = (f"{r['wall_s'] / 60:.1f} min: KLD {own['mean_kld']:.4f}, top-1 {own['top1_agreement']:.0%} "
+                    f"vs its own codes' fake-quant model (which is KLD {codes['mean_kld']:.4f} from fp32)")
         size = f"{r['artifact_gb']:.2f} GB" if r["exit"] == 0 and "artifact_gb" in r else ""
-        what = FORMAT_NAMES[fmt] + (", validate" if stage == "validate" else "") + \
+        what = FORMAT_NAMES[fmt] + {"validate": ", validate", "selfcheck": ", own fake-quant check"}.get(stage, "") + \
             (f", {r['eval_tokens']} tokens" if "eval_tokens" in r else "")
         fit = f"{r['fit_weights_gb']:.2f} GB" if "fit_weights_gb" in r else ""
         lines.append(f"| {name} | {what} | {group or ''} | {done} | {_gib(r, 'peak_anon_gib')} "
@@ -205,6 +209,53 @@ def reference_child(ckpt: str, tokens: int) -> None:
     shutil.rmtree(os.environ["LLAMASHIP_CACHE"], ignore_errors=True)
 
 
+def selfcheck_child(bundle: str, ckpt: str, tokens: int, dest: str) -> None:
+    """The artifact against its own fake-quant reference: the bundle's quantize stage run again
+    (rtn and hqq are deterministic; calibrated algorithms read the same validation text) and its
+    dequantized weights streamed through validation's fp32 reference code, on one window of the
+    first `tokens` of WikiText-2 test. Random weights make the fp32 figures meaningless, but an
+    artifact whose packing or runtime is wrong lands far from the model its codes define; one
+    that is right differs from it only by its runtime's arithmetic (fp16, int8 activations), far
+    less than the codes differ from fp32. Writes the figures to `dest` as JSON."""
+    import contextlib
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="llamaship-fullsize-check-"))
+    os.environ["LLAMASHIP_CACHE"] = str(work)
+    from llamaship import backends
+    from llamaship.export.llama.load import load_checkpoint
+    from llamaship.quantize.stage import stage_output
+    from llamaship.targets import accuracy
+    from llamaship.targets.reference import streamed_logprobs
+    from llamaship.targets.validate import Scoring, scheme_from_manifest
+
+    folder = Path(bundle)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (art,) = manifest["artifacts"]
+    scheme = scheme_from_manifest(manifest["quant"])
+    assert scheme is not None, f"{bundle}: an fp32 bundle has no fake-quant reference of its own"
+    c = load_checkpoint(ckpt, progress=print)
+    eval_slice = accuracy.make_slice(c.tokenizer, tokens, tokens)
+    try:
+        with contextlib.ExitStack() as stack:
+            codes = stack.enter_context(stage_output(c.spec, c.state, scheme, None, work, print, c.tokenizer))
+            own = streamed_logprobs(c.spec, codes.state(c.state), eval_slice, c.sha256() + "|fake-quant", print)
+        fp32 = streamed_logprobs(c.spec, c.state, eval_slice, c.sha256(), print)
+        s = eval_slice.first_scored
+
+        def replay(tokens: list[int], pos: int) -> torch.Tensor:  # the fake-quant model, as if an artifact
+            return torch.from_numpy(np.array(own[0, max(pos - s, 0)], dtype=np.float32))
+
+        backend = backends.get(art["format"])
+        out = {"slice": eval_slice.describe(),
+               "own_fake_quant_vs_fp32": accuracy.evaluate_stepwise(replay, eval_slice, fp32, print).to_json()}
+        for name, ref in (("artifact_vs_own_fake_quant", own), ("artifact_vs_fp32", fp32)):
+            out[name] = backend.accuracy(Scoring(c, folder, manifest, [], eval_slice, ref, print), art)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    Path(dest).write_text(json.dumps(out))
+
+
 def sampled(cmd: list[str]) -> tuple[int, float, int]:
     """Run `cmd`, sampling the anonymous memory of it and its children each second: (exit code,
     wall seconds, peak KiB)."""
@@ -223,7 +274,8 @@ def validate_row(export_row: dict, bundle: Path, ckpt: Path, tokens: int) -> dic
     figures are meaningless with random weights; the point is time and memory, and that the
     artifact runs through its runtime against the streamed fp32 reference)."""
     cmd = [sys.executable, "-m", "llamaship.cli", "validate", str(bundle), "--model", str(ckpt),
-           "--eval-tokens", str(tokens), "--profile", "x86_emulator"]
+           "--eval-tokens", str(tokens),
+           "--profile", "apple" if export_row["format"] in ("coreml", "executorch_coreml") else "x86_emulator"]
     code, wall, anon_peak = sampled(cmd)
     row = {k: export_row[k] for k in ("model", "layers", "layout", "format", "group_size")}
     row |= {"stage": "validate", "exit": code, "wall_s": round(wall, 1), "eval_tokens": tokens,
@@ -237,9 +289,58 @@ def validate_row(export_row: dict, bundle: Path, ckpt: Path, tokens: int) -> dic
     return row
 
 
+def selfcheck_row(export_row: dict, bundle: Path, ckpt: Path, tokens: int) -> dict:  # type: ignore[type-arg]
+    """`selfcheck_child` in a child process, with its time and sampled peak anonymous memory."""
+    dest = bundle.with_name(bundle.name + "-selfcheck.json")
+    dest.unlink(missing_ok=True)
+    code, wall, anon_peak = sampled([sys.executable, __file__, "--child-selfcheck", str(bundle), str(ckpt),
+                                     str(tokens), str(dest)])
+    row = {k: export_row[k] for k in ("model", "layers", "layout", "format", "group_size")}
+    row |= {"stage": "selfcheck", "exit": code, "wall_s": round(wall, 1), "eval_tokens": tokens,
+            "peak_anon_gib": round(anon_peak / 1024**2, 2), "host": export_row["host"]}
+    if code == 0:
+        row |= json.loads(dest.read_text())
+        dest.unlink()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def export_row(args: argparse.Namespace, ckpt: Path, bundle: Path, fmt: str, group: int) -> dict:  # type: ignore[type-arg]
+    """`llamaship export` of one format and group size, with its wall time and sampled memory."""
+    shutil.rmtree(bundle, ignore_errors=True)
+    fit = json.loads(subprocess.run(
+        [sys.executable, "-m", "llamaship.cli", "fit", "--model", str(ckpt), "--group-size", str(group),
+         "--profile", "qualcomm", "--context", str(args.max_context), "--json"],
+        capture_output=True, text=True, check=False).stdout.splitlines()[0])
+    cmd = [sys.executable, "-m", "llamaship.cli", "export", "--model", str(ckpt), "--out", str(bundle),
+           "--format", fmt, "--group-size", str(group), "--max-context", str(args.max_context),
+           "--no-validate", "--ignore-fit", "--prompt", "The capital of France is",
+           "--smoke-tokens", str(SMOKE_TOKENS.get(fmt, 32)),
+           *(["--quant-algo", args.quant_algo] if args.quant_algo else [])]
+    code, wall, anon_peak = sampled(cmd)
+    row = {"model": args.model, "layers": args.layers, "layout": args.layout, "format": fmt,
+           "group_size": group, "exit": code, "wall_s": round(wall, 1),
+           "smoke_tokens": SMOKE_TOKENS.get(fmt, 32),
+           "peak_anon_gib": round(anon_peak / 1024**2, 2),
+           "fit_weights_gb": round(fit["weight_bytes"] / 1e9, 2),
+           "fit": fit, "host": {"cpus": os.cpu_count(), "torch": torch.__version__}}
+    if code == 0:
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        (art,) = manifest["artifacts"]
+        path = bundle / (art.get("folder") or art["path"])
+        row |= {"artifact_gb": round(folder_bytes(path) / 1e9, 3), "stages_s": manifest["export"]["stages_s"],
+                "peak_rss_gib": round(manifest["export"]["peak_rss_mb"] / 1024, 2),
+                "smoke_text": (art.get("smoke_test") or {}).get("text")}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> int:
     if sys.argv[1:2] == ["--child-reference"]:
         reference_child(sys.argv[2], int(sys.argv[3]))
+        return 0
+    if sys.argv[1:2] == ["--child-selfcheck"]:
+        selfcheck_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--table", action="store_true", help="print the results as the README's markdown rows")
@@ -258,6 +359,11 @@ def main() -> int:
     ap.add_argument("--reference-tokens", type=int, default=0,
                     help="measure validation's streamed fp32 reference on this many WikiText-2 test tokens "
                     "(windows of 512) instead of, or before, the --format exports")
+    ap.add_argument("--check-tokens", type=int, default=0,
+                    help="after each export, score the artifact on one window of this many WikiText-2 test tokens "
+                    "against its own fake-quant reference (the quantize stage run again, dequantized) and fp32")
+    ap.add_argument("--existing", action="store_true",
+                    help="reuse a bundle kept by an earlier --keep run instead of exporting it again")
     ap.add_argument("--work", default="/tmp/llamaship-fullsize", help="where checkpoints and bundles go")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and bundles")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "fullsize.json"))
@@ -285,34 +391,17 @@ def main() -> int:
     for fmt in ([] if args.reference_tokens and not args.format else args.format or ["executorch"]):
         for group in args.group_size or [32]:
             bundle = work / f"{name}-{fmt}-g{group}"
-            shutil.rmtree(bundle, ignore_errors=True)
-            fit = json.loads(subprocess.run(
-                [sys.executable, "-m", "llamaship.cli", "fit", "--model", str(ckpt), "--group-size", str(group),
-                 "--profile", "qualcomm", "--context", str(args.max_context), "--json"],
-                capture_output=True, text=True, check=False).stdout.splitlines()[0])
-            cmd = [sys.executable, "-m", "llamaship.cli", "export", "--model", str(ckpt), "--out", str(bundle),
-                   "--format", fmt, "--group-size", str(group), "--max-context", str(args.max_context),
-                   "--no-validate", "--ignore-fit", "--prompt", "The capital of France is",
-                   "--smoke-tokens", str(SMOKE_TOKENS.get(fmt, 32)),
-                   *(["--quant-algo", args.quant_algo] if args.quant_algo else [])]
-            code, wall, anon_peak = sampled(cmd)
-            row = {"model": args.model, "layers": args.layers, "layout": args.layout, "format": fmt,
-                   "group_size": group, "exit": code, "wall_s": round(wall, 1),
-                   "smoke_tokens": SMOKE_TOKENS.get(fmt, 32),
-                   "peak_anon_gib": round(anon_peak / 1024**2, 2),
-                   "fit_weights_gb": round(fit["weight_bytes"] / 1e9, 2),
-                   "fit": fit, "host": {"cpus": os.cpu_count(), "torch": torch.__version__}}
-            if code == 0:
-                manifest = json.loads((bundle / "manifest.json").read_text())
-                (art,) = manifest["artifacts"]
-                path = bundle / (art.get("folder") or art["path"])
-                row |= {"artifact_gb": round(folder_bytes(path) / 1e9, 3), "stages_s": manifest["export"]["stages_s"],
-                        "peak_rss_gib": round(manifest["export"]["peak_rss_mb"] / 1024, 2),
-                        "smoke_text": (art.get("smoke_test") or {}).get("text")}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            if args.existing and (bundle / "manifest.json").exists():
+                row = {"model": args.model, "layers": args.layers, "layout": args.layout, "format": fmt,
+                       "group_size": group, "exit": 0, "host": {"cpus": os.cpu_count(), "torch": torch.__version__}}
+            else:
+                row = export_row(args, ckpt, bundle, fmt, group)
+                rows.append(row)
+            code = row["exit"]
             if code == 0 and args.validate_tokens:
                 rows.append(validate_row(row, bundle, ckpt, args.validate_tokens))
+            if code == 0 and args.check_tokens:
+                rows.append(selfcheck_row(row, bundle, ckpt, args.check_tokens))
             if not args.keep:
                 shutil.rmtree(bundle, ignore_errors=True)
     if not args.keep:

@@ -583,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--eval-tokens", type=_int_in(EVAL_MIN, EVAL_MAX), default=None,
                      help=f"evaluation slice length, {EVAL_MIN}..{EVAL_MAX} (default: the profile's, 32768; "
                      "from 1B parameters up, the whole windows one artifact's validation fits in about 30 "
-                     "minutes here, e.g. 5632 for Llama 3 8B, and the report says what 32768 would take)")
+                     "minutes here, e.g. 6144 for a Llama 3 8B .pte, 1536 for its .mlpackage, and the report "
+                     "says what 32768 would take)")
     val.set_defaults(func=cmd_validate)
 
     prof = sub.add_parser("profile", help="measure a bundle on real phones: one over adb, or many on Qualcomm AI Hub",

@@ -55,8 +55,8 @@ class Scoring:
 def scheme_from_manifest(quant: dict[str, Any]) -> QuantScheme | None:
     if quant.get("name") == "fp32":
         return None
-    fields = {k: quant[k] for k in ("bits", "group_size", "symmetric", "activations",
-                                    "embedding_bits", "lm_head_bits") if k in quant}
+    fields = {k: quant[k] for k in ("bits", "group_size", "symmetric", "activations", "embedding_bits",
+                                    "lm_head_bits", "algorithm", "calibration_tokens") if k in quant}
     return QuantScheme(**fields)
 
 
@@ -90,28 +90,31 @@ def eval_slice_for(ckpt: Checkpoint, artifacts: list[dict[str, Any]], profiles: 
     (an artifact scored on a slice of its own, like the NPU graph, does not count)."""
     window = min([p.eval_window for p in profiles] + [a["max_context"] for a in artifacts
                                                       if backends.get(a["format"]).shares_eval_slice])
-    n_tokens = eval_tokens or default_eval_tokens(ckpt.spec, profiles, window)
+    shared = [a["format"] for a in artifacts if backends.get(a["format"]).shares_eval_slice]
+    n_tokens = eval_tokens or default_eval_tokens(ckpt.spec, profiles, window, shared)
     return accuracy.make_slice(ckpt.tokenizer, n_tokens, window)
 
 
 # Validation of one artifact should take about half an hour on this 2-core class of machine. From
 # 1B parameters up, the profile's full slice would take hours, so the default slice is cut to what
-# the budget allows. Measured at Llama 3 8B (random weights, real shapes; bench/fullsize.py): the
-# streamed fp32 reference 0.13 s per token, the .pte token by token 0.16 s, i.e. 0.3 s per slice
-# token for one artifact; scaled by parameters for other sizes.
+# the budget allows: the streamed fp32 reference (0.13 s per token at Llama 3 8B, bench/fullsize.py)
+# plus the slowest artifact scored on the slice (its backend's `eval_s_per_token_8b`), scaled by
+# parameters for other sizes.
 LARGE_MODEL_PARAMS = 1_000_000_000
 VALIDATE_BUDGET_S = 1800
-EVAL_S_PER_TOKEN_8B = 0.3
+REFERENCE_S_PER_TOKEN_8B = 0.13
 
 
-def default_eval_tokens(spec: Any, profiles: list[Profile], window: int) -> int:
+def default_eval_tokens(spec: Any, profiles: list[Profile], window: int, formats: list[str] | None = None) -> int:
     """The profile's slice, or for a model of 1B parameters and more the whole windows that fit
-    the half-hour budget (at least two)."""
+    the half-hour budget (at least two) for the slowest of `formats`."""
     full = max(p.eval_tokens for p in profiles)
     params = spec.param_count()
     if params < LARGE_MODEL_PARAMS:
         return full
-    per_token = EVAL_S_PER_TOKEN_8B * params / 8.03e9
+    rates = [backends.get(f).eval_s_per_token_8b for f in formats or []]
+    slowest = max(rates or [backends.Backend.eval_s_per_token_8b])
+    per_token = (REFERENCE_S_PER_TOKEN_8B + slowest) * params / 8.03e9
     fits = int(VALIDATE_BUDGET_S / per_token) // window * window
     return min(full, max(2 * window, fits))
 

@@ -145,7 +145,7 @@ def coreml_codes(package) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
     from llamaship.runtime.mil_eval import Program
 
     prog = Program(package)
-    return [np.asarray(op.inputs["data"].val).astype(np.int16) for op in prog.ops
+    return [np.asarray(prog.value(op.inputs["data"])).astype(np.int16) for op in prog.ops
             if op.op_type == "constexpr_blockwise_shift_scale"]
 
 

@@ -219,17 +219,23 @@ def test_weights_prediction_matches_real_pte_size(tiny_ckpt, tiny_q_pte):
 
 def test_large_models_default_to_a_slice_that_fits_the_half_hour(tiny_ckpt):
     """From 1B parameters up, `validate`'s default slice is the whole windows one artifact's
-    validation fits in about 30 minutes here, not the profile's 32768 tokens (hours at 8B)."""
-    from llamaship.targets.validate import EVAL_S_PER_TOKEN_8B, VALIDATE_BUDGET_S, default_eval_tokens
+    validation fits in about 30 minutes here, not the profile's 32768 tokens (hours at 8B), sized
+    for the slowest format scored on it."""
+    from llamaship import backends
+    from llamaship.targets.validate import REFERENCE_S_PER_TOKEN_8B, VALIDATE_BUDGET_S, default_eval_tokens
 
     profile = load_profile("x86_emulator")
-    assert default_eval_tokens(tiny_ckpt.spec, [profile], 512) == profile.eval_tokens
+    assert default_eval_tokens(tiny_ckpt.spec, [profile], 512, ["coreml"]) == profile.eval_tokens
     l3 = load_spec(CONFIGS / "meta-llama-3-8b" / "params.json")
-    n = default_eval_tokens(l3, [profile], 512)
-    assert n % 512 == 0 and 1024 <= n < profile.eval_tokens
-    assert n * EVAL_S_PER_TOKEN_8B <= VALIDATE_BUDGET_S < (n + 512) * EVAL_S_PER_TOKEN_8B
+    for formats in (["executorch"], ["onnx"], ["coreml"]):
+        n = default_eval_tokens(l3, [profile], 512, formats)
+        per_token = REFERENCE_S_PER_TOKEN_8B + backends.get(formats[0]).eval_s_per_token_8b
+        assert n % 512 == 0 and 1024 <= n < profile.eval_tokens
+        assert n * per_token <= VALIDATE_BUDGET_S < (n + 512) * per_token or n == 1024
+    assert default_eval_tokens(l3, [profile], 512, ["executorch", "coreml"]) == default_eval_tokens(
+        l3, [profile], 512, ["coreml"]) < default_eval_tokens(l3, [profile], 512, ["executorch"])
     l2 = load_spec(CONFIGS / "llama-2-7b-hf" / "config.json")
-    assert default_eval_tokens(l2, [profile], 512) >= n  # fewer parameters, at least as many tokens
+    assert default_eval_tokens(l2, [profile], 512, ["onnx"]) >= default_eval_tokens(l3, [profile], 512, ["onnx"])
 
 
 def test_a_cut_slice_says_what_the_full_one_would_take():

@@ -106,6 +106,9 @@ class Backend:
     needs_calibration_text: ClassVar[bool] = False  # calibrates on WikiText-2 validation (preflight)
     speed_elsewhere: ClassVar[str | None] = None  # why its speed is not measured on this host
     shares_eval_slice: ClassVar[bool] = True  # False: scored on a slice of its own
+    # seconds per scored token at Llama 3 8B on this 2-core class of machine (bench/fullsize.py):
+    # sizes the default slice of large models (targets/validate.default_eval_tokens)
+    eval_s_per_token_8b: ClassVar[float] = 0.2
     scored_while_lowering: ClassVar[bool] = True  # may be scored while another artifact lowers
     cpu_reference: ClassVar[bool] = False  # the artifact NPU graphs are compared with
     can_export_in_background: ClassVar[bool] = False

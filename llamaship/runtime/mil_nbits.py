@@ -22,8 +22,6 @@ import torch
 
 from llamaship.errors import RuntimeFailure
 
-_THREADS: dict[str, Any] = {}
-
 
 def eligible(data_shape: tuple[int, ...], scale_shape: tuple[int, ...], offset_shape: tuple[int, ...] | None,
              bits: int) -> bool:
@@ -46,24 +44,15 @@ def _pack_nibbles(values: np.ndarray) -> np.ndarray:
 
 
 def _session_options(threads: int) -> Any:
-    """One ONNX Runtime thread pool for every matrix when the runtime still allows it (an 8B program
-    has 224 of them); otherwise each session's own pool, without spinning."""
+    """Each matrix its own session and thread pool (an 8B program has 224), without spinning: idle
+    pools must not burn the cores. Not onnxruntime's global pool: once set, every other session in
+    the process (the ONNX artifact's, the NPU simulator's) would have to be made for it."""
     import onnxruntime as ort
-    from onnxruntime.capi import _pybind_state as C
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    if "global" not in _THREADS:
-        try:
-            C.set_global_thread_pool_sizes(threads, 1)
-            _THREADS["global"] = True
-        except Exception:  # the runtime's environment exists already (another session made it)
-            _THREADS["global"] = False
-    if _THREADS["global"]:
-        so.use_per_session_threads = False
-    else:
-        so.intra_op_num_threads = threads
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 

@@ -8,7 +8,10 @@ per token. Here that work happens once, at load:
 
 - every value gets a slot in a list, every const is resolved (and converted) once, every
   `constexpr_blockwise_shift_scale` is dequantized once into an fp16 tensor (within the same cache
-  budget the interpreter has; beyond it, per call, freed after its last reader);
+  budget the interpreter has; beyond it, per call, freed after its last reader), unless the
+  program's weights would not fit that budget at all (7B/8B): then its 4-bit linears run from their
+  codes through ONNX Runtime's MatMulNBits (`mil_nbits`) and the budget goes to the rest (the
+  embedding and the 8-bit lm_head);
 - float values are torch tensors of the program's declared dtype; integer and boolean values (the
   program's shape arithmetic) stay NumPy and run through the interpreter's own ops;
 - views stay views: a static alias analysis decides which `slice_update` may write in place (no
