@@ -172,6 +172,7 @@ def table(rows: list[dict]) -> str:  # type: ignore[type-arg]
     for (model, layers, layout, fmt, group, stage), r in sorted(newest.items(), key=lambda kv: str(kv[0])):
         name = MODELS_PRETTY.get(model, model) + (f", {layers}-layer slice" if layers else "")
         name += ", Meta `consolidated.00.pth`" if layout == "meta" else ""
+        name += f", `--quant-algo {r['quant_algo']}`" if r.get("quant_algo") else ""
         if fmt == "executorch" and stage == "export" and "smoke_tokens" not in r:  # rows from before this field
             name += " (run before XNNPACK blobs were spilled to files)"
         done = f"{r['wall_s'] / 60:.1f} min" if r["exit"] == 0 else f"failed (exit {r['exit']})"
@@ -319,7 +320,7 @@ def export_row(args: argparse.Namespace, ckpt: Path, bundle: Path, fmt: str, gro
            *(["--quant-algo", args.quant_algo] if args.quant_algo else [])]
     code, wall, anon_peak = sampled(cmd)
     row = {"model": args.model, "layers": args.layers, "layout": args.layout, "format": fmt,
-           "group_size": group, "exit": code, "wall_s": round(wall, 1),
+           "group_size": group, "exit": code, "wall_s": round(wall, 1), "quant_algo": args.quant_algo,
            "smoke_tokens": SMOKE_TOKENS.get(fmt, 32),
            "peak_anon_gib": round(anon_peak / 1024**2, 2),
            "fit_weights_gb": round(fit["weight_bytes"] / 1e9, 2),
