@@ -83,7 +83,11 @@ def cached(folder: Path, build: Callable[[Path], None], progress: Callable[[str]
     tmp.mkdir(parents=True)
     start = time.perf_counter()
     progress(f"building {folder.name}")
-    build(tmp)
+    try:
+        build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     (tmp / ".done").write_text(json.dumps({"build_s": round(time.perf_counter() - start, 1)}))
     tmp.rename(folder)
     progress(f"  built {folder.name} in {time.perf_counter() - start:.0f} s")

@@ -14,7 +14,7 @@ stored weight once per token, so tok/s <= copy bandwidth / stored bytes (the emb
 counted though only one row is read, so the ceiling is a little low for all rows alike).
 
     python bench/peers.py [--algos gptq,hqq,awq,rtn] [--llama-cpp-python PY] [--eval-tokens 4096]
-                          [--cache ~/.cache/llamaship/peers] [--runs 3] [--rounds 2]
+                          [--cache ~/.cache/llamaship/peers] [--runs 3] [--rounds 4]
 
 llama.cpp rows need llama-cpp-python (`pip install llama-cpp-python`, a ~10 min source build on
 2 cores); without it they are skipped and the script says so. Writes bench/results/peers.json and
@@ -247,7 +247,9 @@ def main() -> int:
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "llamaship" / "peers",
                     help="where the built artifacts are kept between runs (delete a row's folder to rebuild it)")
     ap.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up, per round (default 3)")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds over all runtimes, alternating (default 2)")
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="rounds over all runtimes, alternating (default 4: with 2, structurally identical "
+                    ".pte rows spread 130-154 tok/s here)")
     ap.add_argument("--build-only", action="store_true", help="build (or find cached) every artifact, then stop")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "peers.json",
                     help="JSON results; pareto.png goes beside it")
