@@ -96,8 +96,7 @@ def cached(folder: Path, build: Callable[[Path], None], progress: Callable[[str]
 
 def ours(ckpt: Any, variant: str, cache: Path, progress: Callable[[str], None]) -> list[Peer]:
     """`variant` is a quantize-stage algorithm, optionally with `+head4` (a 4-bit lm_head, group 32)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from quant_algos import export
+    from quant_algos import export  # bench/ is on sys.path: peers.py puts it there
 
     from llamaship.quantize.scheme import QuantScheme
     from llamaship.quantize.stage import quantize_checkpoint
@@ -139,13 +138,9 @@ def llama_cpp(gguf: Path, python: str, cache: Path, progress: Callable[[str], No
     return peers
 
 
-def _interleave(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Our half-split q/k rows -> Meta's interleaved pairs (what export_llama's RoPE expects)."""
-    out, inp = w.shape
-    return w.view(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
-
-
 def export_llama(ckpt: Any, cache: Path, progress: Callable[[str], None]) -> list[Peer]:
+    from llamaship.export.llama.checkpoint import permute_half_to_meta
+
     spec = ckpt.spec
 
     def build(tmp: Path) -> None:
@@ -153,9 +148,9 @@ def export_llama(ckpt: Any, cache: Path, progress: Callable[[str], None]) -> lis
         for name, t in ckpt.state.items():
             t = t.float()
             if name.endswith("attention.wq.weight"):
-                t = _interleave(t, spec.n_heads)
+                t = permute_half_to_meta(t, spec.n_heads)
             elif name.endswith("attention.wk.weight"):
-                t = _interleave(t, spec.n_kv_heads)
+                t = permute_half_to_meta(t, spec.n_kv_heads)
             state[name] = t.contiguous()
         state.setdefault("output.weight", state["tok_embeddings.weight"])
         torch.save(state, tmp / "consolidated.00.pth")
@@ -184,7 +179,8 @@ def builder(ckpt: Any, cache: Path, progress: Callable[[str], None]) -> list[Pee
     for label, options in (("defaults", {}), ("k_quant", {"algo_config": "k_quant"})):
         def build(tmp: Path, options: dict[str, str] = options) -> None:
             with tempfile.TemporaryDirectory() as work:
-                hf = write_hf_folder(ckpt.spec.replace(max_context=2048), ckpt.state, ckpt.tokenizer, Path(work) / "hf")
+                spec = ckpt.spec.replace(max_context=MAX_CONTEXT)
+                hf = write_hf_folder(spec, ckpt.state, ckpt.tokenizer, Path(work) / "hf")
                 run_builder(hf, tmp / "onnx", "int4", options, tmp / "builder.log", Path(work) / "cache")
 
         folder = cached(cache / f"builder-{label}", build, progress)

@@ -49,6 +49,14 @@ def permute_meta_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, head_dim // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
+def permute_half_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `permute_meta_to_half`: for tools that read Meta's layout (ExecuTorch's
+    export_llama, in bench/peers.py)."""
+    out_dim, in_dim = w.shape
+    head_dim = out_dim // n_heads
+    return w.view(n_heads, 2, head_dim // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
 def check_state(spec: ModelSpec, state: Mapping[str, torch.Tensor], source: Path) -> None:
     """Shape and finiteness checks, so a mismatch names the tensor instead of failing deep in
     load_state_dict or, worse, exporting garbage."""
