@@ -137,6 +137,7 @@ def export_onnx(
     stage's output; without it the stage runs here."""
     precision, options = builder_options(scheme, accuracy_level)
     timings: dict[str, float] = {}
+    changed: dict[str, int] = {}
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".onnx-build-", dir=out.parent) as work, contextlib.ExitStack() as stack:
         t = time.perf_counter()
@@ -157,13 +158,16 @@ def export_onnx(
                  + " ".join(f"{k}={v}" for k, v in options.items()))
         run_builder(hf_dir, out, precision, options, Path(work) / "builder.log", Path(work) / "cache")
         timings["builder_s"] = time.perf_counter() - t
-        if scheme is not None and quantized is not None and scheme.embedding_bits == 4:
+        if scheme is not None and quantized is not None:
             t = time.perf_counter()
-            progress(f"onnx: embedding codes as GatherBlockQuantized int4, block {scheme.group_size}")
-            prequant.quantized_embedding(out / "model.onnx", quantized.get("tok_embeddings.weight"))
-            timings["embedding_s"] = time.perf_counter() - t
+            emb = scheme.embedding_bits == 4
+            progress("onnx: " + (f"embedding codes as GatherBlockQuantized int4, block {scheme.group_size}; "
+                                 if emb else "") + "dropping default zero points")
+            changed = prequant.finish_graph(out / "model.onnx", quantized.get("tok_embeddings.weight") if emb else None)
+            timings["finish_graph_s"] = time.perf_counter() - t
     quant = describe_quantization(out / "model.onnx")
     quant["algorithm"] = scheme.algorithm if scheme is not None else None
+    quant |= changed
     if scheme is not None:
         blocks = {k for k in quant["quantized_ops"] if f"block {scheme.group_size} " not in k}
         if blocks or not quant["quantized_ops"]:

@@ -67,10 +67,10 @@ def test_llama31_gqa_rope_scaling_fp32_onnx_matches_module(tmp_path, llama3_hf_d
 def test_int4_graph_holds_the_requested_blocks(llama2_meta_ckpt, meta_int4_onnx):
     quant = describe_quantization(meta_int4_onnx / "model.onnx")
     ops = quant["quantized_ops"]
-    # the stage's symmetric codes: MatMulNBits holds them with the explicit zero point 8
-    layers = ops["MatMulNBits int4 block 32 accuracy_level 4 asymmetric"]
+    # the stage's symmetric codes: MatMulNBits without zero points (the default 8 / 128 is theirs)
+    layers = ops["MatMulNBits int4 block 32 accuracy_level 4 symmetric"]
     assert layers["count"] == 2 * 5  # qkv (fused), o, gate, up, down per layer
-    assert ops["MatMulNBits int8 block 32 accuracy_level 4 asymmetric"]["examples"] == ["/lm_head/MatMulNBits"]
+    assert ops["MatMulNBits int8 block 32 accuracy_level 4 symmetric"]["examples"] == ["/lm_head/MatMulNBits"]
     assert ops["GatherBlockQuantized int4 block 32 symmetric"]["count"] == 1
     assert len(ops) == 3
     assert quant["float_parameters"] < 10_000  # norms and rotary caches only
@@ -92,11 +92,13 @@ def test_odd_block_count_tied_head_matches_the_dequantized_module(tmp_path, tiny
     scheme = QuantScheme(group_size=64, embedding_bits=0, lm_head_bits=8, symmetric=symmetric)
     quantized = stage(tiny_ckpt, scheme, tmp_path / "codes")
     folder = tmp_path / "odd"
-    export_onnx(tiny_ckpt.spec, tiny_ckpt.state, tiny_ckpt.tokenizer, scheme, folder, max_context=128,
-                accuracy_level=1, progress=lambda s: None, quantized=quantized)
-    assert set(describe_quantization(folder / "model.onnx")["quantized_ops"]) == {
-        "MatMulNBits int4 block 64 accuracy_level 1 asymmetric",
-        "MatMulNBits int8 block 64 accuracy_level 1 asymmetric"}
+    res = export_onnx(tiny_ckpt.spec, tiny_ckpt.state, tiny_ckpt.tokenizer, scheme, folder, max_context=128,
+                      accuracy_level=1, progress=lambda s: None, quantized=quantized)
+    kind = "symmetric" if symmetric else "asymmetric"  # symmetric: the default zero points are dropped
+    quant = describe_quantization(folder / "model.onnx")
+    assert set(quant["quantized_ops"]) == {f"MatMulNBits int4 block 64 accuracy_level 1 {kind}",
+                                           f"MatMulNBits int8 block 64 accuracy_level 1 {kind}"}
+    assert res["quantization"]["zero_points_dropped"] == (5 * tiny_ckpt.spec.n_layers + 1 if symmetric else 0)
     spec = tiny_ckpt.spec.replace(tied_embeddings=False)
     ref = module_steps(build_model(spec, dict(quantized.state(tiny_ckpt.state)), max_context=128))
     got = run_steps(OnnxModule(folder).forward)
@@ -114,7 +116,7 @@ def test_rtn_block_64(tmp_path, llama2_meta_ckpt, symmetric):
                 max_context=128, progress=lambda s: None)
     ops = describe_quantization(folder / "model.onnx")["quantized_ops"]
     kind = "symmetric" if symmetric else "asymmetric"
-    assert set(ops) == {"MatMulNBits int4 block 64 accuracy_level 4 asymmetric",  # zero points stored
+    assert set(ops) == {f"MatMulNBits int4 block 64 accuracy_level 4 {kind}",  # zero points only when asymmetric
                         f"GatherBlockQuantized int4 block 64 {kind}"}
     got = run_steps(OnnxModule(folder).forward)
     assert all(torch.isfinite(g).all() for g in got)
