@@ -70,6 +70,7 @@ class Peer:
     ours: bool
     how: str
     family: str  # what the goals compare it with: executorch, llama.cpp, onnx, eager (control: none)
+    threads: int | None = None  # the .pte runner's threadpool size (None: one per core, as an app gets)
 
 
 def cached(folder: Path, build: Callable[[Path], None], progress: Callable[[str], None]) -> Path:
@@ -138,10 +139,14 @@ def llama_cpp(gguf: Path, python: str, cache: Path, progress: Callable[[str], No
     return peers
 
 
-def export_llama(ckpt: Any, cache: Path, progress: Callable[[str], None]) -> list[Peer]:
+def export_llama(ckpt: Any, cache: Path, progress: Callable[[str], None], variant: str = "") -> list[Peer]:
+    """`variant` (bench/levers.py): "kv8" adds `--quantize_kv_cache` (int8 per-token KV cache and
+    its quantized SDPA); "sdpa" drops `--use_sdpa_with_kv_cache` (attention as plain aten ops)."""
     from llamaship.export.llama.checkpoint import permute_half_to_meta
 
     spec = ckpt.spec
+    cmd = {"": EXPORT_LLAMA, "kv8": [*EXPORT_LLAMA, "--quantize_kv_cache"],
+           "sdpa": [a for a in EXPORT_LLAMA if a != "--use_sdpa_with_kv_cache"]}[variant]
 
     def build(tmp: Path) -> None:
         state = {}
@@ -160,15 +165,16 @@ def export_llama(ckpt: Any, cache: Path, progress: Callable[[str], None]) -> lis
             "rope_theta": spec.rope_theta}))
         log = tmp / "export_llama.log"
         with open(log, "w") as f:
-            res = subprocess.run([sys.executable, *EXPORT_LLAMA], cwd=tmp, stdout=f, stderr=subprocess.STDOUT)
+            res = subprocess.run([sys.executable, *cmd], cwd=tmp, stdout=f, stderr=subprocess.STDOUT)
         if res.returncode != 0 or not (tmp / "model.pte").exists():
             raise RuntimeError(f"export_llama failed (exit {res.returncode}); see {log}")
         (tmp / "consolidated.00.pth").unlink()
         ckpt.tokenizer.write_runner_file(tmp)
 
-    folder = cached(cache / "export_llama", build, progress)
-    return [Peer("ExecuTorch export_llama (8da4w g32 HQQ, emb 4,32)", "pte", folder / "model.pte", False,
-                 "python " + " ".join(EXPORT_LLAMA), "executorch")]
+    folder = cached(cache / ("export_llama" + (f"-{variant}" if variant else "")), build, progress)
+    label = {"": "", "kv8": ", int8 KV cache", "sdpa": ", aten SDPA"}[variant]
+    return [Peer(f"ExecuTorch export_llama (8da4w g32 HQQ, emb 4,32{label})", "pte", folder / "model.pte", False,
+                 "python " + " ".join(cmd), "executorch")]
 
 
 def builder(ckpt: Any, cache: Path, progress: Callable[[str], None]) -> list[Peer]:

@@ -94,7 +94,7 @@ def speed_of(peer: Peer, ckpt: Any, ids: list[int], runs: int, python: str) -> t
     if peer.kind == "pte":
         with tempfile.TemporaryDirectory() as tmp:
             tok = ckpt.tokenizer.write_runner_file(Path(tmp))
-            sp = benchmark(peer.path, tok, ckpt.tokenizer.decode(ids), gen_tokens=128, runs=runs)
+            sp = benchmark(peer.path, tok, ckpt.tokenizer.decode(ids), gen_tokens=128, runs=runs, threads=peer.threads)
         return sp["prefill_tok_s"]["median"], sp["decode_tok_s"]["median"]
     if peer.kind == "onnx":
         sp = benchmark_onnx(peer.path, ids, gen_tokens=128, runs=runs)

@@ -19,10 +19,15 @@ from llamaship.errors import RuntimeFailure
 from llamaship.runtime.memory import peak_rss_mb  # noqa: F401  (re-exported: the speed children report it)
 
 
-def _child(pte: str, tokenizer: str, prompt: str, gen_tokens: int, warmup: int, runs: int, num_bos: int) -> None:
+def _child(pte: str, tokenizer: str, prompt: str, gen_tokens: int, warmup: int, runs: int, num_bos: int,
+           threads: int) -> None:
     from llamaship.targets.executorch_runtime import load_kernels
 
     load_kernels()
+    if threads > 0:  # the runner shares the pybindings' XNNPACK threadpool (one libexecutorch_threadpool.so)
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+        _unsafe_reset_threadpool(threads)
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     runner = TextLLMRunner(pte, tokenizer)
@@ -44,10 +49,11 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 def benchmark(
     pte: Path, tokenizer: Path, prompt: str, gen_tokens: int = 128, warmup: int = 1, runs: int = 3,
-    num_bos: int = 0,
+    num_bos: int = 0, threads: int | None = None,
 ) -> dict[str, Any]:
+    """`threads`: the XNNPACK threadpool's size (default: the runtime's own choice, one per core)."""
     cmd = [sys.executable, "-m", "llamaship.targets.speed", str(pte), str(tokenizer), prompt,
-           str(gen_tokens), str(warmup), str(runs), str(num_bos)]
+           str(gen_tokens), str(warmup), str(runs), str(num_bos), str(threads or 0)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     line = next((ln for ln in reversed(res.stdout.splitlines()) if ln.startswith("{\"runs\"")), None)
     if res.returncode != 0 or line is None:
@@ -134,4 +140,4 @@ if __name__ == "__main__":
     if a[0] == "onnx":
         _child_onnx(a[1], a[2], int(a[3]), int(a[4]), int(a[5]))
     else:
-        _child(a[0], a[1], a[2], int(a[3]), int(a[4]), int(a[5]), int(a[6]))
+        _child(a[0], a[1], a[2], int(a[3]), int(a[4]), int(a[5]), int(a[6]), int(a[7]))

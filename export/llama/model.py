@@ -163,9 +163,17 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(spec, self.max_context, impl) for _ in range(spec.n_layers))
         self.norm = RMSNorm(spec.dim, spec.norm_eps, mean_by_gemm=impl == "executorch")
         self.output = nn.Linear(spec.dim, spec.vocab_size, bias=False)
-        cos, sin = position_tables(spec, self.max_context)
+        cos, sin = self.stored_tables(position_tables(spec, self.max_context))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def stored_tables(self, tables: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The .pte stores each RoPE table's first half only: both halves are the same angles
+        (`position_tables`), and the whole tables are 1 MB of SmolLM2's .pte at context 2048 (what
+        ExecuTorch's own export_llama stores is half too). The other paths read the full tables."""
+        if self.impl != "executorch":
+            return tables
+        return tuple(t[:, : t.shape[1] // 2].clone() for t in tables)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         seqlen = tokens.shape[1]
@@ -174,6 +182,8 @@ class Llama(nn.Module):
         torch._check(start_pos + seqlen <= self.max_context)
         cos = self.rope_cos.narrow(0, start_pos, seqlen)
         sin = self.rope_sin.narrow(0, start_pos, seqlen)
+        if self.impl == "executorch":  # stored_tables keeps half: one concat per call, shared by every layer
+            cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
         mask = None
         if self.impl == "torch":  # query i (absolute start_pos + i) sees cache slots j <= it
             q_pos = torch.arange(seqlen, device=tokens.device) + start_pos
@@ -241,7 +251,7 @@ def build_model(
     them (so a large model is never allocated twice); buffers are made here."""
     with torch.device("meta"):
         model = Llama(spec, max_context=max_context, impl=impl, full_logits=full_logits)
-    model.rope_cos, model.rope_sin = position_tables(spec, model.max_context)
+    model.rope_cos, model.rope_sin = model.stored_tables(position_tables(spec, model.max_context))
     for norm in model.modules():
         if isinstance(norm, RMSNorm) and norm.mean_by_gemm:
             norm.mean_weight = torch.full((1, spec.dim), 1.0 / spec.dim)
