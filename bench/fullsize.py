@@ -331,7 +331,8 @@ def export_row(args: argparse.Namespace, ckpt: Path, bundle: Path, fmt: str, gro
         path = bundle / (art.get("folder") or art["path"])
         row |= {"artifact_gb": round(folder_bytes(path) / 1e9, 3), "stages_s": manifest["export"]["stages_s"],
                 "peak_rss_gib": round(manifest["export"]["peak_rss_mb"] / 1024, 2),
-                "smoke_text": (art.get("smoke_test") or {}).get("text")}
+                "smoke_text": (art.get("smoke_test") or {}).get("text"),
+                "zero_points_dropped": (art.get("quantization") or {}).get("zero_points_dropped")}
     print(json.dumps(row), flush=True)
     return row
 

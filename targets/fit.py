@@ -65,10 +65,12 @@ def weight_parts(spec: ModelSpec, scheme: QuantScheme | None, storage: Storage =
     vocab_params = spec.vocab_size * spec.dim
     bits = scheme.bits if scheme else 0
     gs = scheme.group_size if scheme else 32
+    sym = scheme.symmetric if scheme else True
     return {
-        "linear": spec.n_layers * sum(n * storage.linear_bpw(bits, gs, in_widths[k]) / 8 for k, n in per_layer.items()),
-        "lm_head": vocab_params * storage.linear_bpw(scheme.lm_head_bits if scheme else 0, gs, spec.dim) / 8,
-        "embedding": vocab_params * storage.embedding_bpw(scheme.embedding_bits if scheme else 0, gs) / 8,
+        "linear": spec.n_layers * sum(n * storage.linear_bpw(bits, gs, in_widths[k], sym) / 8
+                                      for k, n in per_layer.items()),
+        "lm_head": vocab_params * storage.linear_bpw(scheme.lm_head_bits if scheme else 0, gs, spec.dim, sym) / 8,
+        "embedding": vocab_params * storage.embedding_bpw(scheme.embedding_bits if scheme else 0, gs, sym) / 8,
         "norms": (2 * spec.n_layers + 1) * spec.dim * 4,
     }
 

@@ -26,9 +26,9 @@ def matrix_table(fits: list[Fit]) -> str:
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append("ceiling: memory-bandwidth roofline of decode (bytes read per token / the profile's bandwidth), "
-                 "a prediction, not a measurement; sizes: each format's storage model (ONNX keeps fp32 scales "
-                 "and 4-bit zero points), checked against measured 7B/8B artifacts within 3%; * qnn: no full-size "
-                 "artifact measured yet, an estimate")
+                 "a prediction, not a measurement; sizes: each format's storage model (ONNX keeps fp32 scales, "
+                 "and 4-bit zero points for asymmetric schemes only), checked against measured 7B/8B artifacts "
+                 "within 3%; * qnn: no full-size artifact measured yet, an estimate")
     return "\n".join(lines)
 
 

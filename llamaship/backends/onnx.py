@@ -22,12 +22,13 @@ class Onnx(Backend):
     help = ("onnxruntime-genai folder: model.onnx + external data + genai_config.json, run here by "
             "onnxruntime and onnxruntime-genai")
     packages = ("onnx", "onnxruntime", "onnxruntime-genai")
-    weights = ("the quantize stage's codes exactly, as unsigned nibbles q + 8 with explicit zero points (8 for "
-               "symmetric blocks) and fp32 scales; an int8 per-channel lm_head is stored per block, its scale repeated")
+    weights = ("the quantize stage's codes exactly, as unsigned nibbles q + 8 with fp32 scales, zero points stored "
+               "for asymmetric blocks only (a symmetric block's 8 is MatMulNBits' default); an int8 per-channel "
+               "lm_head is stored per block, its scale repeated")
     storage = MATMULNBITS
     runtime = "onnxruntime (CPU EP)"
     eval_s_per_token_8b = 0.27  # measured 0.27 beside another job
-    disk_factor = 1.4  # fp32 scales and zero points
+    disk_factor = 1.4  # fp32 scales (and zero points when asymmetric)
 
     @classmethod
     def add_options(cls, parser: argparse.ArgumentParser) -> None:
