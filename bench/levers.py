@@ -21,7 +21,7 @@ says otherwise), max context 2048:
 
 Artifacts are built once into the peers' cache (the gptq codes, two .pte exports, two
 export_llama exports of ~8 min each, two ONNX exports); variants that only change a runtime
-setting or a graph attribute are folders of links to their base. Writes bench/results/levers.json.
+setting or a graph attribute are folders hard-linking their base's weights. Writes bench/results/levers.json.
 """
 
 from __future__ import annotations
@@ -115,14 +115,14 @@ def kv_scale_file(ckpt: Any, path: Path, n_tokens: int = 4096) -> Path:
 
 
 def linked_onnx(base: Path, folder: Path, edit: Callable[[Path], None], progress: Callable[[str], None]) -> Path:
-    """A copy of the ONNX folder `base` whose weights file is a link to the base's, then `edit`ed."""
+    """A copy of the ONNX folder `base` whose weights file is a hard link to the base's, then `edit`ed."""
 
     def build(tmp: Path) -> None:
         out = tmp / "onnx"
         out.mkdir()
         for f in base.iterdir():
-            if f.name.endswith(".data"):
-                (out / f.name).symlink_to(f.resolve())
+            if f.name.endswith(".data"):  # a hard link: onnxruntime refuses data paths that leave the folder
+                (out / f.name).hardlink_to(f)
             else:
                 shutil.copy2(f, out / f.name)
         edit(out)

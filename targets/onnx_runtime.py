@@ -45,7 +45,8 @@ class OnnxModule:
                                                  providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise RuntimeFailure(f"{folder / dec['filename']}: onnxruntime could not load it ({exc})") from exc
-        self._dtype = np.float16 if "float16" in self._session.get_inputs()[2].type else np.float32
+        kv_type = self._session.get_inputs()[2].type  # float, float16, or int8 for a quantized KV cache
+        self._dtype = {"tensor(float16)": np.float16, "tensor(int8)": np.int8}.get(kv_type, np.float32)
         self.reset()
 
     def reset(self) -> None:
