@@ -14,7 +14,7 @@ from llamaship.quantize.storage import MATMULNBITS
 
 FOLDER = "onnx"
 ACCURACY_LEVEL_HELP = {4: "int8 (default, fastest on CPU)", 3: "bf16", 2: "fp16",
-                       1: "fp32 (measured 12x slower on x86 for no accuracy gain)"}
+                       1: "fp32 (measured 16x slower decode on x86 for KLD 0.138 vs 0.140 on SmolLM2)"}
 
 
 class Onnx(Backend):
