@@ -68,23 +68,11 @@ def pte_chunk(ckpt: Any, scheme: Any, quantized: Any, chunk: int, cache: Path, p
 def onnx_export(ckpt: Any, scheme: Any, quantized: Any, name: str, extra: dict[str, str], cache: Path,
                 progress: Callable[[str], None]) -> Path:
     """Our ONNX export, with `extra` builder options added to the ones it passes."""
-    import llamaship.export.onnx as onnx_export_module
+    from llamaship.export.onnx import export_onnx
 
-    def build(tmp: Path) -> None:
-        real = onnx_export_module.builder_options
-
-        def with_extra(*a: Any, **k: Any) -> tuple[str, dict[str, str]]:
-            precision, options = real(*a, **k)
-            return precision, options | extra
-
-        onnx_export_module.builder_options = with_extra  # type: ignore[assignment]
-        try:
-            onnx_export_module.export_onnx(ckpt.spec, ckpt.state, ckpt.tokenizer, scheme, tmp / "onnx",
-                                           max_context=MAX_CONTEXT, progress=lambda s: None, quantized=quantized)
-        finally:
-            onnx_export_module.builder_options = real  # type: ignore[assignment]
-
-    return cached(cache / f"levers-onnx-{name}", build, progress) / "onnx"
+    return cached(cache / f"levers-onnx-{name}", lambda tmp: export_onnx(
+        ckpt.spec, ckpt.state, ckpt.tokenizer, scheme, tmp / "onnx", max_context=MAX_CONTEXT,
+        progress=lambda s: None, quantized=quantized, builder_extra=extra), progress) / "onnx"
 
 
 def kv_scale_file(ckpt: Any, path: Path, n_tokens: int = 4096) -> Path:

@@ -131,11 +131,15 @@ def export_onnx(
     spec: ModelSpec, state: Mapping[str, torch.Tensor], tokenizer: Tokenizer, scheme: QuantScheme | None,
     out: Path, max_context: int, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     progress: Callable[[str], None] = print, quantized: QuantizedCheckpoint | None = None,
+    builder_extra: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write model.onnx + model.onnx.data + genai_config.json + tokenizer files into `out`.
+    `builder_extra`: more `--extra_options` for the model builder (bench/levers.py's KV-cache
+    quantization), on top of the ones the scheme sets.
     Returns timings and the quantization read back from the graph. `quantized` is the quantize
     stage's output; without it the stage runs here."""
     precision, options = builder_options(scheme, accuracy_level)
+    options |= dict(builder_extra or {})
     timings: dict[str, float] = {}
     changed: dict[str, int] = {}
     out.mkdir(parents=True, exist_ok=True)

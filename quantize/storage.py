@@ -3,8 +3,8 @@
 
 Why per format: the codes are 4-bit everywhere, but the side data differs. XNNPACK keeps a bf16
 scale per group; onnxruntime's MatMulNBits an fp32 scale per block, and a 4-bit zero point only
-for an asymmetric scheme (the export drops the default ones); Core ML an fp16 scale and a 4-bit offset per block; the
-HTP's LPBQ a 4-bit scale per block under an fp32 scale per channel. Fitted to and tested against
+for an asymmetric scheme (the export drops the default ones); Core ML an fp16 scale and a 4-bit
+offset per block; the HTP's LPBQ a 4-bit scale per block under an fp32 scale per channel. Fitted to and tested against
 the full-size bench's measured artifacts (bench/results/fullsize.json, within 3%).
 """
 
@@ -26,8 +26,9 @@ class Storage:
     measured: bool = True  # False: no full-size artifact of this format was measured yet (an estimate)
     zeros_when_symmetric: bool = True  # False: the zero points above are stored for asymmetric schemes only
 
-    def _zeros(self, bits: int, symmetric: bool) -> int:
-        return bits if self.zeros_when_symmetric or not symmetric else 0
+    def _zeros(self, zero_bits: int, symmetric: bool) -> int:
+        """`zero_bits` when this format stores zero points for the scheme, else 0."""
+        return zero_bits if self.zeros_when_symmetric or not symmetric else 0
 
     def linear_bpw(self, bits: int, group: int, in_features: int, symmetric: bool = True) -> float:
         if bits == 0:
