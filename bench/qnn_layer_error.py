@@ -35,8 +35,9 @@ import torch
 from llamaship.data import CALIB_FILE, data_file
 from llamaship.export.llama.load import load_checkpoint
 from llamaship.export.llama.model import build_model
-from llamaship.export.qnn import AR, calibration_feeds, quantize_w4a16
+from llamaship.export.qnn import AR, calibration_feeds
 from llamaship.export.qnn_graph import StaticCacheRunner, StaticLlama, export_float_onnx
+from llamaship.export.qnn_quant import quantize_w4a16
 from llamaship.pipeline import default_model
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.targets import accuracy

@@ -56,7 +56,7 @@ class StaticLlama(nn.Module):
             raise ValueError(f"ar {ar} must be in [1, ctx={ctx})")
         self.model, self.spec, self.ar, self.ctx = model, spec, ar, ctx
         self.norm = (lambda n, x: n(x)) if plain_norm else rms_norm_prescaled
-        self.blocks = nn.ModuleList(_StaticBlock(layer, spec, ar, self.norm) for layer in model.layers)
+        self.blocks = nn.ModuleList(StaticBlock(layer, spec, self.norm) for layer in model.layers)
         self.register_buffer("cos", model.rope_cos[:ctx].clone(), persistent=False)
         self.register_buffer("sin", model.rope_sin[:ctx].clone(), persistent=False)
 
@@ -80,28 +80,28 @@ class StaticLlama(nn.Module):
         return logits, torch.stack(new_keys), torch.stack(new_values)
 
 
-class _StaticBlock(nn.Module):
+class StaticBlock(nn.Module):
     """One transformer block; a module of its own so every exported node name says its layer."""
 
-    def __init__(self, layer: nn.Module, spec: ModelSpec, ar: int,
-                 norm: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, layer: nn.Module, spec: ModelSpec,
+                 norm: Callable[[nn.Module, torch.Tensor], torch.Tensor] = rms_norm_prescaled) -> None:
         super().__init__()
-        self.layer, self.spec, self.ar, self.norm = layer, spec, ar, norm
+        self.layer, self.spec, self.norm = layer, spec, norm
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention_mask: torch.Tensor,
                 past_k: torch.Tensor, past_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        s, t, att = self.spec, self.ar, self.layer.attention
+        s, att = self.spec, self.layer.attention
         kvh, group, hd = s.n_kv_heads, s.n_heads // s.n_kv_heads, s.head_dim
-        x = self.norm(self.layer.attention_norm, h)
-        q = apply_rope(att.wq(x).view(1, t, s.n_heads, hd), cos, sin)
-        k = apply_rope(att.wk(x).view(1, t, kvh, hd), cos, sin)
-        v = att.wv(x).view(1, t, kvh, hd)
+        x = self.norm(self.layer.attention_norm, h)  # the token count is -1 in every reshape: one graph, any T
+        q = apply_rope(att.wq(x).view(1, -1, s.n_heads, hd), cos, sin)
+        k = apply_rope(att.wk(x).view(1, -1, kvh, hd), cos, sin)
+        v = att.wv(x).view(1, -1, kvh, hd)
         k, v = k.transpose(1, 2)[0], v.transpose(1, 2)[0]  # [kvh, T, D]
         keys = torch.cat((past_k, k), dim=1)[:, None]  # [kvh, 1, ctx, D]
         values = torch.cat((past_v, v), dim=1)[:, None]
-        qg = q[0].view(t, kvh, group, hd).permute(1, 2, 0, 3)  # [kvh, group, T, D]: heads never repeated
+        qg = q[0].view(-1, kvh, group, hd).permute(1, 2, 0, 3)  # [kvh, group, T, D]: heads never repeated
         scores = qg @ keys.transpose(-1, -2) * hd**-0.5 + attention_mask[0]  # [kvh, group, T, ctx]
-        y = (scores.softmax(-1) @ values).permute(2, 0, 1, 3).reshape(1, t, s.n_heads * hd)
+        y = (scores.softmax(-1) @ values).permute(2, 0, 1, 3).reshape(1, -1, s.n_heads * hd)
         h = h + att.wo(y)
         h = h + self.layer.feed_forward(self.norm(self.layer.ffn_norm, h))
         return h, k, v
@@ -132,6 +132,17 @@ def export_float_onnx(model: StaticLlama, path: Path) -> None:
               location=path.name + ".data", size_threshold=1024)
 
 
+def attention_mask(ar: int, ctx: int, n_past: int) -> np.ndarray:
+    """The additive mask of a call of `ar` tokens with `n_past` cache slots filled: [1, 1, ar, ctx],
+    columns 0..ctx-ar-1 are the past slots (0 where filled), the last `ar` columns the call's own
+    tokens (causal)."""
+    mask = np.full((1, 1, ar, ctx), MASK_MIN, np.float32)
+    mask[0, 0, :, :n_past] = 0.0
+    q, k = np.arange(ar)[:, None], np.arange(ar)[None, :]
+    mask[0, 0, :, ctx - ar :] = np.where(k <= q, 0.0, MASK_MIN)
+    return mask
+
+
 class StaticCacheRunner:
     """Drives a static graph the way an app does: prompt chunks of `ar` tokens (the last one
     padded), the cache kept outside the graph with past slots filled from the left. `run(feeds)`
@@ -154,10 +165,7 @@ class StaticCacheRunner:
         ar, ctx, n, p = self.ar, self.ctx, len(chunk), self.n_past
         ids = np.zeros((1, ar), np.int32)
         ids[0, :n] = chunk
-        mask = np.full((1, 1, ar, ctx), MASK_MIN, np.float32)
-        mask[0, 0, :, :p] = 0.0
-        q, k = np.arange(ar)[:, None], np.arange(ar)[None, :]
-        mask[0, 0, :, ctx - ar :] = np.where(k <= q, 0.0, MASK_MIN)
+        mask = attention_mask(ar, ctx, p)
         return {"input_ids": ids, "position_ids": (np.arange(ar, dtype=np.int32) + p)[None],
                 "attention_mask": mask, "past_keys": self.past_k, "past_values": self.past_v}
 

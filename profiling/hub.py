@@ -9,10 +9,11 @@ let the client do the rest.
 
 One job per (device, artifact, call shape): an inference job with profiling on, so each job gives
 both the device's timing and its outputs for the same inputs.
-- The NPU graph (AR-128, app-owned KV cache) gets one job: the first 128 tokens of the validation
-  slice's first window from an empty cache. A prompt costs one call and so does every decoded
-  token (there is no 1-token graph yet), so its call time is both the TTFT of a 128-token prompt
-  and the time per decoded token.
+- The NPU artifact gets two: its prefill graph on the first 128 tokens of the validation slice's
+  first window from an empty cache, and its decode graph on the next token, the cache computed
+  here by onnxruntime's CPU EP on the same quantized graph. AI Hub compiles and runs the graphs the
+  context binary was compiled from (the part's source ONNX graphs, with `--compute_unit npu`):
+  one model per job, so a bundle of several parts is refused (its parts chain through the app).
 - The ONNX model gets two: that prompt (empty cache), and one decoded token after it, its past
   keys/values computed here by onnxruntime on the same model.
 The device's logits for the prompt are scored against the fp32 PyTorch module on the same tokens.
@@ -129,16 +130,32 @@ def _input_order(model: Path) -> list[str]:
     return [i.name for i in onnx.load(str(model), load_external_data=False).graph.input]
 
 
-def qnn_inputs(bundle: Path, art: dict[str, Any], tokens: list[int]) -> dict[str, list[np.ndarray]]:
-    """The NPU graph's inputs for `tokens` (one chunk) from an empty cache, as the app builds them,
-    in the graph's input order."""
-    from llamaship.export.qnn_graph import StaticCacheRunner
+NPU_OPTIONS = "--compute_unit npu"
+
+
+def qnn_inputs(bundle: Path, art: dict[str, Any], tokens: list[int]) -> tuple[dict[str, list[np.ndarray]], ...]:
+    """The NPU artifact's inputs as the app builds them, in each graph's input order: the prefill
+    graph's for `tokens[:-1]` (at most 128) from an empty cache, and the decode graph's for the
+    last token, its cache from the prefill graph run here on the CPU."""
+    import onnxruntime as ort
+
+    from llamaship.targets.qnn_app import PartsRunner
 
     cfg = json.loads((bundle / art["config"]).read_text())
-    runner = StaticCacheRunner(lambda f: [], cfg["prompt_chunk"], cfg["context"], cfg["n_layers"],
-                               cfg["n_kv_heads"], cfg["head_dim"])
-    feeds = runner.feeds(tokens[: cfg["prompt_chunk"]])
-    return {name: [np.ascontiguousarray(feeds[name])] for name in _input_order(bundle / art["path"])}
+    if len(cfg.get("parts", [])) != 1:
+        raise UnsupportedError(f"{bundle / art['config']}: profile --hub runs single-part NPU bundles (one model "
+                               f"per AI Hub job); this one has {len(cfg.get('parts', []))} parts, which chain "
+                               "through the app")
+    part = cfg["parts"][0]
+    folder = (bundle / art["config"]).parent
+    sess = ort.InferenceSession(str(folder / part["source"]["prefill"]), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    runner = PartsRunner(lambda k, g, f: dict(zip(names, sess.run(names, f), strict=True)), cfg)
+    prompt = tokens[:-1][: cfg["graphs"]["prefill"]["tokens_per_call"]]
+    feeds = [runner.feeds(part, "prefill", prompt, None)]
+    runner.forward(prompt, 0)
+    feeds.append(runner.feeds(part, "decode", tokens[len(prompt) : len(prompt) + 1], None))
+    return tuple({name: [np.ascontiguousarray(f[name])] for name in part["inputs"]} for f in feeds)
 
 
 def onnx_inputs(folder: Path, tokens: list[int]) -> tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]]:
@@ -170,9 +187,13 @@ def upload_folder(folder: Path, files: list[str]) -> Iterator[Path]:
         yield out
 
 
-def _model_files(bundle: Path, art: dict[str, Any]) -> tuple[Path, list[str]]:
-    """The artifact's graph and the one file beside it that holds its weights (the manifest's
-    `external_data`: the ONNX model's .data, the NPU graph's context binary)."""
+def _model_files(bundle: Path, art: dict[str, Any], kind: str) -> tuple[Path, list[str]]:
+    """The folder and files of the model a job of `kind` runs: the ONNX model and its .data; for the
+    NPU artifact, its part's prefill (prompt) or decode source graph and their shared weights file."""
+    if art["format"] == "qnn":
+        part = json.loads((bundle / art["config"]).read_text())["parts"][0]
+        graph = bundle / art["folder"] / part["source"]["prefill" if kind == "prompt" else "decode"]
+        return graph.parent, [graph.name, Path(part["source"]["data"]).name]
     path = bundle / art["path"]
     extra = [Path(art["external_data"]).name] if art.get("external_data") else []
     return path.parent, [path.name, *extra]
@@ -187,7 +208,7 @@ def plan_jobs(bundle: Path, manifest: dict[str, Any], devices: list[Any], format
         art = next(a for a in manifest["artifacts"] if a["format"] == fmt)
         if fmt == "qnn":
             prompt_tokens = window[:PROMPT_TOKENS]
-            shapes = [("prompt", qnn_inputs(bundle, art, prompt_tokens))]
+            shapes = list(zip(("prompt", "decode"), qnn_inputs(bundle, art, window[: PROMPT_TOKENS + 1]), strict=True))
         else:  # the prompt and one decoded token must fit the model's context
             n = min(PROMPT_TOKENS, int(art.get("max_context", 2048)) - 1)
             prompt_tokens = window[:n]
@@ -208,29 +229,32 @@ def plan_jobs(bundle: Path, manifest: dict[str, Any], devices: list[Any], format
 
 def submit(client: Any, bundle: Path, manifest: dict[str, Any], jobs: list[HubJob], redact: Redactor,
            progress: Callable[[str], None], options: str = "") -> None:
-    """Uploads each artifact once and submits its jobs; a job the service refuses is marked, the
-    others go on."""
-    for fmt in dict.fromkeys(j.fmt for j in jobs if j.status == "pending"):
-        folder, files = _model_files(bundle, next(a for a in manifest["artifacts"] if a["format"] == fmt))
-        progress(f"AI Hub: uploading {fmt} ({', '.join(files)})")
-        try:
-            with upload_folder(folder, files) as staged:
-                model = client.upload_model(str(staged), name=f"{manifest['model']['name']} {fmt}")
-        except Exception as exc:
-            for j in jobs:
-                if j.fmt == fmt and j.status == "pending":
-                    j.status, j.message = "error", f"upload failed: {redact(str(exc))}"
+    """Uploads each model once (the NPU artifact's prefill and decode graphs are two) and submits its
+    jobs; a job the service refuses is marked, the others go on."""
+    models: dict[tuple[str, ...], Any] = {}
+    for j in jobs:
+        if j.status != "pending":
             continue
-        for j in jobs:
-            if j.fmt != fmt or j.status != "pending":
-                continue
+        folder, files = _model_files(bundle, next(a for a in manifest["artifacts"] if a["format"] == j.fmt), j.kind)
+        key = (str(folder), *files)
+        if key not in models:
+            progress(f"AI Hub: uploading {j.fmt} ({', '.join(files)})")
             try:
-                j.job = client.submit_inference_job(model, j.device, inputs=j.inputs, profile=True, options=options,
-                                                    name=f"llamaship {fmt} {j.kind}")
-                j.status = "submitted"
-                progress(f"AI Hub: {j.device.name}: {fmt} {j.kind} job {j.job.job_id}")
+                with upload_folder(folder, files) as staged:
+                    models[key] = client.upload_model(str(staged), name=f"{manifest['model']['name']} {j.fmt}")
             except Exception as exc:
-                j.status, j.message = "error", f"submit failed: {redact(str(exc))}"
+                models[key] = exc
+        if isinstance(models[key], Exception):
+            j.status, j.message = "error", f"upload failed: {redact(str(models[key]))}"
+            continue
+        job_options = f"{options} {NPU_OPTIONS}".strip() if j.fmt == "qnn" else options
+        try:
+            j.job = client.submit_inference_job(models[key], j.device, inputs=j.inputs, profile=True,
+                                                options=job_options, name=f"llamaship {j.fmt} {j.kind}")
+            j.status = "submitted"
+            progress(f"AI Hub: {j.device.name}: {j.fmt} {j.kind} job {j.job.job_id}")
+        except Exception as exc:
+            j.status, j.message = "error", f"submit failed: {redact(str(exc))}"
 
 
 def collect(jobs: list[HubJob], redact: Redactor, progress: Callable[[str], None], timeout_s: float) -> None:
@@ -381,7 +405,7 @@ def device_reports(bundle: Path, manifest: dict[str, Any], jobs: list[HubJob], r
             ok = prompt is not None and prompt.status == "done" and (decode is None or decode.status == "done")
             speed = acc = None
             if ok and prompt is not None and prompt.profile is not None:
-                how = ("one 128-token graph call per prompt chunk and per decoded token" if fmt == "qnn"
+                how = ("a 128-token prefill graph call, then 1-token decode graph calls" if fmt == "qnn"
                        else "a 128-token prompt call, then 1-token calls")
                 speed = speed_from_profiles(prompt.profile, decode.profile if decode else None, prompt.tokens,
                                             f"{fmt} on {device} (Qualcomm AI Hub profiler; {how})")

@@ -82,7 +82,7 @@ def load_profile(name_or_path: str) -> Profile:
             eval_tokens=int(data.get("eval", {}).get("tokens", 32768)),
             eval_window=int(data.get("eval", {}).get("window", 512)),
             npu_eval_tokens=int(data.get("eval", {}).get("npu_tokens", 1024)),
-            extra={k: v for k, v in data.items() if k in ("soc_model", "htp_arch")},
+            extra={k: v for k, v in data.items() if k in ("soc_model", "htp_arch", "htp_context_limit_gb")},
             source=str(path),
             also_validates=tuple(data.get("also_validates", [])),
         )

@@ -10,6 +10,12 @@ are loaded, ExecuTorch's LLM runner crashed in the same process (a segfault in _
 the .pte smoke test of a SmolLM2 Qualcomm export), and the simulator itself can crash. In a
 spawned child, a crash becomes a RuntimeFailure naming its exit code, and the rest of the export
 and its other runtimes never share an address space with the QNN libraries.
+
+Why validation runs the parts' source graphs and not the bundle's context binaries: the phone loads
+one weight-sharing binary per part (prefill + decode graphs), and the x86 simulator refuses every
+weight-sharing context ("contextCreateFromBinary ... QNN_COMMON_ERROR_NOT_SUPPORTED"). So each
+graph's source (the quantized ONNX graph the binary was compiled from) is compiled by the
+simulator when first called, graph by graph.
 """
 
 from __future__ import annotations
@@ -32,16 +38,27 @@ from llamaship.targets.greedy import generate_ids  # noqa: F401  (this runtime's
 T = TypeVar("T")
 
 def _serve(conn: Any, folder: str, art: dict[str, Any]) -> None:
-    """The child of a QnnModule: holds the session and the app-side cache, answers forward calls."""
+    """The child of a QnnModule: holds the HTP sessions (one per part and graph, made when first
+    called) and the app-side cache, answers forward calls."""
     import json
 
-    from llamaship.export.qnn_graph import StaticCacheRunner
+    from llamaship.targets.qnn_app import PartsRunner
 
     try:
+        qnn = Path(folder) / art["folder"]
         cfg = json.loads((Path(folder) / art["config"]).read_text())
-        session = htp_session(Path(folder) / art["path"], cfg["soc_model"])
-        runner = StaticCacheRunner(lambda f: session.run(None, f), cfg["prompt_chunk"], cfg["context"],
-                                   cfg["n_layers"], cfg["n_kv_heads"], cfg["head_dim"])
+        if "parts" not in cfg:
+            raise RuntimeFailure(f"{qnn}: a bundle from before the prefill/decode parts; export it again")
+        sessions: dict[tuple[int, str], Any] = {}
+
+        def run(part: int, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+            if (part, graph) not in sessions:  # the simulator compiles the source graph on load
+                sessions[part, graph] = htp_session(qnn / cfg["parts"][part]["source"][graph], cfg["soc_model"])
+            sess = sessions[part, graph]
+            names = [o.name for o in sess.get_outputs()]
+            return dict(zip(names, sess.run(names, feeds), strict=True))
+
+        runner = PartsRunner(run, cfg, decode=art.get("decode", True))
         conn.send(("ok", cfg))
     except Exception as e:  # reported to the parent, which raises it
         conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -51,7 +68,10 @@ def _serve(conn: Any, folder: str, art: dict[str, Any]) -> None:
         if msg[0] == "close":
             return
         try:
-            conn.send(("ok", runner.forward(msg[1], msg[2]).numpy()))
+            if msg[0] == "calls":
+                conn.send(("ok", dict(runner.calls)))
+            else:
+                conn.send(("ok", runner.forward(msg[1], msg[2]).numpy()))
         except Exception as e:
             conn.send(("error", f"{type(e).__name__}: {e}"))
 
@@ -84,10 +104,15 @@ class QnnModule:
         """Nothing to do: a forward from position 0 empties the child's cache."""
 
     def forward(self, tokens: list[int], start_pos: int) -> Any:
-        """Logits [len(tokens), vocab] of every token (one graph call per chunk)."""
+        """Logits [len(tokens), vocab] of every token: a prompt in prefill calls of 128 tokens, one
+        token after it in a decode call."""
         import torch
 
         return torch.from_numpy(self._call(("forward", list(tokens), start_pos)))
+
+    def calls(self) -> dict[str, int]:
+        """How many calls each graph (prefill, decode) has had."""
+        return dict(self._call(("calls",)))
 
     def close(self) -> None:
         if self._proc.is_alive():

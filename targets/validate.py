@@ -24,8 +24,11 @@ SPEED_GEN_TOKENS = 128
 
 
 def artifact_bytes(folder: Path, art: dict[str, Any]) -> int:
-    """An ONNX model is its graph plus its external weights file; an .mlpackage is a folder."""
+    """An ONNX model is its graph plus its external weights file; an .mlpackage is a folder; the NPU
+    artifact is the files a phone loads (`device_files`), not the source graphs beside them."""
     paths = [folder / art["path"]] + ([folder / art["external_data"]] if art.get("external_data") else [])
+    if art.get("device_files"):
+        paths = [folder / f for f in art["device_files"]]
     total = 0
     for p in paths:
         if p.is_dir():

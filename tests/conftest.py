@@ -187,14 +187,25 @@ def tiny_bundle(tmp_path_factory, gguf_path, tiny_profile) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_qnn(tmp_path_factory, tiny_ckpt) -> tuple[Path, dict]:
-    """The tiny model's NPU artifact (qnn/: EPContext model + context binary + qnn_config.json), a
-    context of two prompt chunks; shared by the NPU tests and the AI Hub tests."""
+def _tiny_qnn(tmp_path_factory, tiny_ckpt, limit_gb: float | None) -> tuple[Path, dict]:
     from llamaship.export.qnn import export_qnn
     from llamaship.quantize.scheme import QuantScheme
 
     folder = tmp_path_factory.mktemp("qnn_bundle")
     res = export_qnn(tiny_ckpt.spec, tiny_ckpt.state, tiny_ckpt.tokenizer, QuantScheme(), folder / "qnn",
-                     max_context=256, soc_model="SM8650", progress=lambda s: None)
+                     max_context=256, soc_model="SM8650", progress=lambda s: None, context_limit_gb=limit_gb)
     return folder, res
+
+
+@pytest.fixture(scope="session")
+def tiny_qnn(tmp_path_factory, tiny_ckpt) -> tuple[Path, dict]:
+    """The tiny model's NPU artifact (qnn/: per part a prefill and a decode graph in one
+    weight-sharing context binary, their source graphs, qnn_config.json), a context of two prompt
+    chunks, split into two parts of one layer each by a tiny per-context limit (~0.1 MB)."""
+    return _tiny_qnn(tmp_path_factory, tiny_ckpt, 0.0001)
+
+
+@pytest.fixture(scope="session")
+def tiny_qnn_one_part(tmp_path_factory, tiny_ckpt) -> tuple[Path, dict]:
+    """The same in one part (the default limit): what the AI Hub tests upload."""
+    return _tiny_qnn(tmp_path_factory, tiny_ckpt, None)

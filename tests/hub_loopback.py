@@ -155,7 +155,7 @@ class LoopbackHub:
             inputs = h5_to_dataset_entries(f)
         model = next(folder.rglob("*.onnx"))
         feed = {name: values[0] for name, values in inputs.items()}
-        if list(folder.rglob("*.bin")):  # an EPContext model: the QNN HTP simulator, in a child
+        if "--compute_unit npu" in req.options:  # the NPU: the QNN HTP simulator, in a child
             from llamaship.runtime.qnn_session import in_child
 
             names, outs = in_child(_run_htp, str(model), feed)

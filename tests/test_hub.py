@@ -17,6 +17,7 @@ import torch
 
 from llamaship.cli import main
 from llamaship.profiling import hub
+from llamaship.runtime.qnn_session import in_child
 from tests.hub_loopback import PEAK_BYTES, PROFILE_US, LoopbackHub
 
 TOKEN = "qaihub-SECRET-0123456789abcdef"
@@ -193,27 +194,38 @@ def test_a_job_that_does_not_finish_is_reported_and_the_rest_kept(tiny_bundle, t
     assert {(j.device.name, j.status) for j in jobs} == {(S24, "done"), (S23, "timeout")}, [j.message for j in jobs]
 
 
-def test_npu_inputs_are_the_apps_chunk_and_the_htp_runs_them(tiny_qnn, tiny_ckpt, tmp_path, monkeypatch,
+def run_on_htp(model: Path, feeds: dict) -> np.ndarray:
+    from llamaship.runtime.qnn_session import htp_session
+
+    return htp_session(model, "SM8650").run(["logits"], feeds)[0]
+
+
+def test_npu_inputs_are_the_apps_calls_and_the_htp_runs_them(tiny_qnn_one_part, tiny_ckpt, tmp_path, monkeypatch,
                                                              no_client_ini):
-    """The NPU artifact's job: the first 128-token chunk from an empty cache, inputs in the graph's
-    order and dtypes, uploaded as the EPContext model + its context binary; the loopback runs it on
-    the HTP simulator, and the logits that come back are the ones our own NPU runtime computes."""
+    """The NPU artifact's jobs: its prefill graph on the first 128-token chunk from an empty cache,
+    its decode graph on the next token with the cache the prefill graph wrote, inputs in each
+    graph's order and dtypes, each graph uploaded with the weights file both read; the loopback
+    runs them on the HTP simulator (asked for by --compute_unit npu), and the logits that come
+    back are the ones our own NPU runtime computes."""
     import shutil
 
     from llamaship.targets.qnn_runtime import QnnModule
 
     monkeypatch.setenv(hub.TOKEN_ENV, TOKEN)
-    folder, res = tiny_qnn
+    folder, res = tiny_qnn_one_part
     bundle = tmp_path / "b"
     shutil.copytree(folder / "qnn", bundle / "qnn")
-    art = {"format": "qnn", "path": "qnn/model_ctx.onnx", "external_data": "qnn/model_ctx_qnn.bin",
-           "config": "qnn/qnn_config.json", "scheme": "w4a16"}  # as the NPU backend writes it
+    art = {"format": "qnn", "path": "qnn/qnn_config.json", "folder": "qnn", "config": "qnn/qnn_config.json",
+           "scheme": "w4a16"}  # as the NPU backend writes it
     manifest = {"artifacts": [art], "model": {"name": "tiny"}, "quant": {"name": "w4a16"}}
     tokens = list(range(3, 3 + 129))
-    inputs = hub.qnn_inputs(bundle, art, tokens[:128])
-    assert list(inputs) == ["input_ids", "position_ids", "attention_mask", "past_keys", "past_values"]
-    assert inputs["input_ids"][0].dtype == np.int32 and inputs["input_ids"][0].tolist() == [tokens[:128]]
-    assert not inputs["past_keys"][0].any()  # an empty cache
+    prompt, decode = hub.qnn_inputs(bundle, art, tokens)
+    layers = [f"past_{kv}_{i}" for i in range(2) for kv in ("keys", "values")]
+    assert list(prompt) == list(decode) == ["input_ids", "position_ids", "attention_mask", *layers]
+    assert prompt["input_ids"][0].dtype == np.int32 and prompt["input_ids"][0].tolist() == [tokens[:128]]
+    assert not prompt["past_keys_0"][0].any()  # an empty cache
+    assert decode["input_ids"][0].tolist() == [[tokens[128]]] and decode["position_ids"][0].tolist() == [[128]]
+    assert decode["past_keys_0"][0][:, :128].any() and not decode["past_keys_0"][0][:, 128:].any()
     loop = LoopbackHub()
     with loop.installed():
         client, redact = hub.make_client()
@@ -221,16 +233,21 @@ def test_npu_inputs_are_the_apps_chunk_and_the_htp_runs_them(tiny_qnn, tiny_ckpt
         jobs = hub.plan_jobs(bundle, manifest, devices, ["qnn"], tokens)
         hub.submit(client, bundle, manifest, jobs, redact, lambda s: None)
         hub.collect(jobs, redact, lambda s: None, timeout_s=60)
-    assert loop.uploads == [("MODEL_TYPE_ONNX", ["model_ctx.onnx", "model_ctx_qnn.bin"])]
-    (job,) = jobs
-    assert job.status == "done" and job.kind == "prompt" and job.outputs is not None
+    assert loop.uploads == [("MODEL_TYPE_ONNX", ["part0.data", "part0_prefill.onnx"]),
+                            ("MODEL_TYPE_ONNX", ["part0.data", "part0_decode.onnx"])]
+    assert [(j.kind, j.status) for j in jobs] == [("prompt", "done"), ("decode", "done")], [j.message for j in jobs]
     with QnnModule(bundle, art) as module:
         want = module.forward(tokens[:128], 0)
-    got = torch.from_numpy(np.asarray(job.outputs["logits"][0], dtype=np.float32)[0])
+    got = torch.from_numpy(np.asarray(jobs[0].outputs["logits"][0], dtype=np.float32)[0])
     assert torch.allclose(got, want, atol=1e-5)
+    # the decode job's cache was computed here on the CPU EP: the HTP on the same inputs gives its logits
+    source = bundle / "qnn" / res["config"]["parts"][0]["source"]["decode"]
+    want = in_child(run_on_htp, source, {k: v[0] for k, v in decode.items()})
+    got = np.asarray(jobs[1].outputs["logits"][0], dtype=np.float32)
+    assert np.allclose(got, want, atol=1e-5)
     ref = torch.log_softmax(torch.randn(200, want.shape[-1]), -1)
     report = hub.device_reports(bundle, manifest, jobs, ref, tokens, "s", None)[S24]
     assert report["artifacts"][0]["accuracy"]["scored_tokens"] == 128  # every slot of the chunk
     sp = report["artifacts"][0]["speed"]
-    # one 128-token graph serves both: a decoded token costs a prompt call
-    assert sp["decode_tok_s"]["median"] == pytest.approx(1e6 / np.median(PROFILE_US["prompt"]))
+    # a decoded token costs a decode graph call (before the decode graph, it cost a prompt call)
+    assert sp["decode_tok_s"]["median"] == pytest.approx(1e6 / np.median(PROFILE_US["decode"]))

@@ -14,27 +14,30 @@ from llamaship.quantize.scheme import QuantScheme
 from llamaship.quantize.storage import LPBQ
 
 FOLDER = "qnn"
-SMOKE_TOKENS = 4  # each token is one full prompt-chunk call on the HTP simulator (~35 s for SmolLM2)
+SMOKE_TOKENS = 4  # the prompt is one 128-token call on the HTP simulator (~35 s for SmolLM2), each token a decode call
 SIMULATOR_NOTE = "HTP simulator on x86: its speed says nothing about a phone's"
 
 
-def qnn_target(profiles: list[Any]) -> tuple[str, str]:
-    """The SoC the NPU graph is compiled for: the first profile that names one (8 Gen 3 otherwise)."""
+def qnn_target(profiles: list[Any]) -> tuple[str, str, float | None]:
+    """The SoC the NPU graph is compiled for and its per-context weight limit in GB: the first
+    profile that names a SoC (8 Gen 3 and the default limit otherwise)."""
     from llamaship.export.qnn import SOC_MODELS
 
     for p in profiles:
         if "soc_model" in p.extra:
             soc = str(p.extra["soc_model"])
             arch = str(p.extra.get("htp_arch") or next((a for a, s in SOC_MODELS.items() if s == soc), "?"))
-            return soc, arch
-    return SOC_MODELS["v75"], "v75"
+            limit = p.extra.get("htp_context_limit_gb")
+            return soc, arch, None if limit is None else float(limit)
+    return SOC_MODELS["v75"], "v75", None
 
 
 class Qnn(Backend):
     name = "qnn"
-    help = ("Snapdragon NPU: qnn/model_ctx.onnx + its QNN context binary for the profile's soc_model, w4a16: "
-            "4-bit LPBQ weights, 16-bit activations calibrated on WikiText-2 validation text; validated on the "
-            "QNN HTP simulator of onnxruntime-qnn, Linux x86_64 only")
+    help = ("Snapdragon NPU: qnn/ holds per part a prefill (128-token) and a decode (1-token) graph in one "
+            "weight-sharing QNN context binary for the profile's soc_model, w4a16: 4-bit LPBQ weights, 16-bit "
+            "activations calibrated on WikiText-2 validation text; validated on the QNN HTP simulator of "
+            "onnxruntime-qnn, Linux x86_64 only")
     weights = ("LPBQ derived from the quantize stage's codes (4-bit block scales x an fp32 scale per channel); "
                "quantization.lpbq_vs_stage_codes says how many codes it keeps and its error against them")
     storage = LPBQ
@@ -58,24 +61,32 @@ class Qnn(Backend):
                                    "`pip install onnxruntime-qnn==2.7.0`")
 
     def export(self, job: ExportJob) -> Exported:
-        from llamaship.export.qnn import AR, export_qnn, scheme_name
+        from llamaship.export.qnn import AR, CONFIG, GRAPHS, export_qnn, scheme_name
 
         assert job.scheme is not None  # check() refused fp32
-        soc_model, htp_arch = qnn_target(job.profiles)
+        soc_model, htp_arch, limit_gb = qnn_target(job.profiles)
         res = export_qnn(job.ckpt.spec, job.ckpt.state, job.ckpt.tokenizer, job.scheme, job.folder / FOLDER,
                          max_context=job.max_context, soc_model=soc_model, progress=job.progress,
-                         quantized=job.quantized)
+                         quantized=job.quantized, context_limit_gb=limit_gb)
         cfg = res["config"]
+        parts = cfg["parts"]
+        device_files = [f"{FOLDER}/{p[k]}" for p in parts for k in (*GRAPHS, "context_binary")]
         entry = {
-            "format": self.name, "path": f"{FOLDER}/{cfg['model']}", "folder": FOLDER,
-            "external_data": f"{FOLDER}/{cfg['context_binaries'][0]}",
-            "config": f"{FOLDER}/qnn_config.json", "scheme": scheme_name(job.scheme),
+            "format": self.name, "path": f"{FOLDER}/{CONFIG}", "folder": FOLDER, "config": f"{FOLDER}/{CONFIG}",
+            "device_files": device_files,
+            "source_files": [f"{FOLDER}/{p['source'][k]}" for p in parts for k in (*GRAPHS, "data")],
+            "scheme": scheme_name(job.scheme),
             "backend": f"QNN HTP (Hexagon {htp_arch}, {soc_model}) through onnxruntime-qnn's EP context",
-            "soc_model": soc_model, "htp_arch": htp_arch, "max_context": job.max_context, "max_seq_len": AR,
+            "soc_model": soc_model, "htp_arch": htp_arch, "qnn_sdk_version": cfg["qnn_sdk_version"],
+            "max_context": job.max_context, "max_seq_len": AR, "parts": len(parts),
+            "part_bytes": [p["bytes"]["context_binary"] for p in parts],
+            "graphs": {g: {"tokens_per_call": ar, "files": [f"{FOLDER}/{p[g]}" for p in parts],
+                           "when": cfg["when"][g]} for g, ar in GRAPHS.items()},
             "inputs": cfg["inputs"], "outputs": cfg["outputs"], "usage": cfg["usage"],
             "quantization": res["quantization"],
-            "reload_check": "the context binary reloaded in a fresh onnxruntime-qnn session gave the "
-                            "compile session's outputs bit for bit (one prompt chunk)",
+            "shared_weights_check": "each part's prefill and decode EPContext models point at one context binary "
+                                    "and list their source graphs' inputs and outputs; the simulator cannot load "
+                                    "a weight-sharing binary, so validation runs the source graphs",
         }
         return Exported(entry, res["timings"])
 
@@ -90,7 +101,8 @@ class Qnn(Backend):
         if req.smoke:
             req.max_new_tokens = min(req.max_new_tokens, SMOKE_TOKENS)
         else:
-            print("(QNN HTP simulator on x86_64: each token is a full graph call and takes seconds to minutes)",
+            print("(QNN HTP simulator on x86_64: it compiles each graph on first use, and a 128-token call takes "
+                  "seconds to minutes)",
                   file=sys.stderr)
         from llamaship.targets.qnn_runtime import QnnModule
 
