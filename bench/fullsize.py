@@ -46,7 +46,8 @@ MODELS = {  # name: (Meta params folder, HF config folder, tokenizer file)
     "llama3.1-8b": ("llama-3.1-8b", "llama-3.1-8b-instruct-hf", LLAMA3_TOKENIZER),
 }
 SHARD_BYTES = 5 * 1024**3  # what Hugging Face's Llama repos use
-SMOKE_TOKENS = {"coreml": 4}  # the MIL reference evaluator dequantizes an 8B model's weights per call
+SMOKE_TOKENS = {"coreml": 4,  # the MIL reference evaluator dequantizes an 8B model's weights per call
+                "qnn": 3}  # the HTP simulator: one prefill call through every part, then decode calls
 
 
 def random_state(spec, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -157,7 +158,7 @@ def folder_bytes(path: Path) -> int:
 
 FORMAT_NAMES = {"executorch": ".pte 8da4w, emb4, head8", "onnx": "ONNX w4, emb4, head8",
                 "coreml": ".mlpackage int4 asym, emb4, head8", "executorch_coreml": "Core ML delegate .pte",
-                "reference": "validate: fp32 reference, streamed"}
+                "qnn": "NPU w4a16 LPBQ, prefill + decode parts", "reference": "validate: fp32 reference, streamed"}
 
 
 def _gib(row: dict, key: str) -> str:  # type: ignore[type-arg]
@@ -333,6 +334,12 @@ def export_row(args: argparse.Namespace, ckpt: Path, bundle: Path, fmt: str, gro
                 "peak_rss_gib": round(manifest["export"]["peak_rss_mb"] / 1024, 2),
                 "smoke_text": (art.get("smoke_test") or {}).get("text"),
                 "zero_points_dropped": (art.get("quantization") or {}).get("zero_points_dropped")}
+        if fmt == "qnn":  # what the phone loads, per part, and how the smoke test's calls went
+            row |= {"artifact_gb": round(sum((bundle / f).stat().st_size for f in art["device_files"]) / 1e9, 3),
+                    "source_gb": round(sum((bundle / f).stat().st_size for f in art["source_files"]) / 1e9, 3),
+                    "parts": art["parts"], "part_bytes": art["part_bytes"],
+                    "qnn_sdk_version": art["qnn_sdk_version"], "smoke_calls": (art.get("smoke_test") or {}).get(
+                        "stats", {}).get("graph_calls")}
     print(json.dumps(row), flush=True)
     return row
 
@@ -348,7 +355,7 @@ def main() -> int:
     ap.add_argument("--table", action="store_true", help="print the results as the README's markdown rows")
     ap.add_argument("--model", choices=list(MODELS), default="llama3-8b")
     ap.add_argument("--layout", choices=["meta", "hf"], default="meta")
-    ap.add_argument("--format", action="append", choices=["executorch", "onnx", "coreml", "executorch_coreml"],
+    ap.add_argument("--format", action="append", choices=["executorch", "onnx", "coreml", "executorch_coreml", "qnn"],
                     help="formats to export, one run each (default: executorch)")
     ap.add_argument("--group-size", action="append", type=int, choices=[32, 64, 128, 256],
                     help="repeatable (default: 32)")

@@ -19,6 +19,7 @@ import numpy as np
 from llamaship.errors import ExportError
 from llamaship.quantize.checkpoint import QuantizedCheckpoint
 from llamaship.quantize.scheme import QuantScheme
+from llamaship.quiet import quiet_root_logger
 
 Encoding = tuple[np.ndarray, np.ndarray]  # (scale float32 scalar, zero point uint16 scalar)
 LINEAR = re.compile(r"/(w[qkvo123])/MatMul$")
@@ -114,7 +115,8 @@ def quantize_w4a16(float_model: Path, qdq_model: Path, feeds: Iterator[dict[str,
     config = get_qnn_qdq_config(str(float_model), reader, activation_type=QuantType.QUInt16,
                                 weight_type=QuantType.QUInt8, init_overrides=overrides)
     config.use_external_data_format = True
-    quantize(str(float_model), str(qdq_model), config)
+    with quiet_root_logger():
+        quantize(str(float_model), str(qdq_model), config)
 
     described = {"activations": "uint16 per tensor (calibrated min/max)",
                  "linears": f"int4 LPBQ, block {scheme.group_size} (4-bit block scales x fp32 channel scale)",

@@ -4,9 +4,11 @@ PYTHONWARNINGS keeps them."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 
 
 def quiet_library_warnings() -> None:
@@ -23,3 +25,18 @@ def quiet_library_warnings() -> None:
 
     for name in ("torch", "torchao", "executorch", "onnxruntime"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def quiet_root_logger() -> Iterator[None]:
+    """The root logger at ERROR for the block: onnxruntime's quantizer logs its advice (pre-process
+    the model, opset 21 is used) on the root logger at WARNING on every call, and the NPU build calls
+    it once per unit (33 times for SmolLM2). `--verbose` keeps them."""
+    root = logging.getLogger()
+    level = root.level
+    if not os.environ.get("LLAMASHIP_VERBOSE"):
+        root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)

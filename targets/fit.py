@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from llamaship.errors import UnsupportedError
 from llamaship.export.llama.spec import ModelSpec
 from llamaship.quantize.scheme import QuantScheme
 from llamaship.quantize.storage import XNNPACK, Storage
@@ -36,6 +37,7 @@ class Fit:
     decode_ceiling_tok_s: float
     bits_per_weight: float
     sizes_bytes: dict[str, float] = field(default_factory=dict)  # predicted file size per format
+    npu_parts: list[dict[str, Any]] = field(default_factory=list)  # the NPU artifact's parts, for a SoC profile
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,7 +51,15 @@ class Fit:
             f"{self.ram_budget_bytes / GB:.1f} GB: {verdict}; decode reads "
             f"{self.bytes_per_token / GB:.3f} GB/token (cache half full on average) -> ceiling "
             f"{self.decode_ceiling_tok_s:.1f} tok/s at {self.bandwidth_gbs:g} GB/s"
-        )
+        ) + self.npu_summary()
+
+    def npu_summary(self) -> str:
+        if not self.npu_parts:
+            return ""
+        sizes = ", ".join(f"{p['bytes'] / GB:.2f}" for p in self.npu_parts)
+        layers = ", ".join(f"{p['layers'][0]}-{p['layers'][1] - 1}" for p in self.npu_parts)
+        return (f"; NPU: {len(self.npu_parts)} part(s) of {sizes} GB (layers {layers}), each a prefill and a "
+                "1-token decode graph sharing weights (a decoded token reads each weight once, not a 128-token call)")
 
 
 def weight_parts(spec: ModelSpec, scheme: QuantScheme | None, storage: Storage = XNNPACK) -> dict[str, float]:
@@ -111,4 +121,20 @@ def predict_fit(spec: ModelSpec, scheme: QuantScheme | None, profile: Profile, c
         decode_ceiling_tok_s=profile.bandwidth_gbs * GB / per_token,
         bits_per_weight=8 * weight_bytes / params,
         sizes_bytes=predict_sizes(spec, scheme),
+        npu_parts=npu_parts(spec, scheme, profile, context),
     )
+
+
+def npu_parts(spec: ModelSpec, scheme: QuantScheme | None, profile: Profile, context: int) -> list[dict[str, Any]]:
+    """How the NPU artifact would be split for `profile`'s HTP (only a profile that names a SoC, for a
+    scheme the NPU route takes): layer ranges and context-binary weight bytes per part."""
+    from llamaship.export.qnn_parts import limit_bytes, part_bytes, plan_parts
+
+    if "soc_model" not in profile.extra or scheme is None or scheme.bits != 4 or not scheme.symmetric \
+            or scheme.lm_head_bits not in (4, 8):
+        return []
+    try:
+        plan = plan_parts(spec, scheme, context, limit_bytes(profile.extra.get("htp_context_limit_gb")))
+    except UnsupportedError:
+        return []
+    return [{"layers": [a, b], "bytes": part_bytes(spec, scheme, context, a, b)} for a, b in plan]

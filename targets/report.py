@@ -40,6 +40,21 @@ def _hub_jobs(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _npu_part_notes(report: dict[str, Any]) -> list[str]:
+    """What an app developer must know of an NPU artifact: its parts, graphs and QNN version."""
+    lines: list[str] = []
+    for a in report["artifacts"]:
+        if a.get("parts"):
+            parts, graphs = a["parts"], a["parts"].get("graphs", {})
+            calls = " and ".join(f"a {g} graph ({v['tokens_per_call']} token{'s' if v['tokens_per_call'] > 1 else ''} "
+                                 "per call)" for g, v in graphs.items())
+            lines += ["", f"{a['path']}: {len(parts['part_bytes'])} part(s) of "
+                      f"{', '.join(f'{b / 1e6:.1f}' for b in parts['part_bytes'])} MB, each {calls} in one "
+                      f"weight-sharing QNN context binary, built with QNN SDK {parts.get('qnn_sdk_version')} (an app "
+                      "must load it with that QNN version)."]
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     device = report.get("device")
     title = f"On-device report: {report['model']} on {device.get('model')}" if device else \
@@ -74,6 +89,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                       "simulator." + (f" On that slice {cpu['path']} measures KLD {cpu['mean_kld']:.4f}, top-1 "
                                       f"{cpu['top1_agreement']:.3f}, PPL {cpu['ppl']:.3f}: ratio of KLDs "
                                       f"{acc['kld_ratio_vs_cpu']:.2f}." if cpu else "")]
+    lines += _npu_part_notes(report)
     lines += _full_slice_notes(report)
     speeds = [(a["path"], a["speed"]) for a in report["artifacts"] if a.get("speed")]
     if speeds:

@@ -186,7 +186,9 @@ def validate(
         results.append({"format": art["format"], "path": art["path"],
                         "scheme": art.get("scheme", scheme.name if scheme else "fp32"),
                         "size_bytes": artifact_bytes(folder, art),
-                        "predicted_size_bytes": predicted_sizes.get(art["format"]), "accuracy": acc, "speed": speed})
+                        "predicted_size_bytes": predicted_sizes.get(art["format"]), "accuracy": acc, "speed": speed}
+                       | ({"parts": {k: art[k] for k in ("part_bytes", "qnn_sdk_version", "graphs") if k in art}}
+                          if "part_bytes" in art else {}))
 
     targets = []
     for profile in profiles:

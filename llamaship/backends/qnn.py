@@ -109,6 +109,7 @@ class Qnn(Backend):
         with QnnModule(req.folder, dict(req.art)) as module:
             gen = greedy(module, req, "onnxruntime-qnn, QNN HTP backend (x86_64 simulator)" if req.smoke
                          else "QNN HTP simulator on this host (not phone speed)")
+            gen.stats = gen.stats | {"graph_calls": module.calls()}  # the prompt in prefill calls, then decode calls
         if req.smoke:
             gen.stats = gen.stats | {"note": SIMULATOR_NOTE}
         return gen

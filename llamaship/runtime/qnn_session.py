@@ -8,6 +8,7 @@ process can trip over, and a crash in it must not take the exporter or the valid
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -54,6 +55,8 @@ def session_options(soc_model: str, config: dict[str, str] | None = None) -> Any
     if not devices:
         raise RuntimeFailure("onnxruntime lists no QNN device after registering onnxruntime-qnn")
     so = ort.SessionOptions()
+    if not os.environ.get("LLAMASHIP_VERBOSE"):  # the EP's notices on every session: `--verbose` shows them
+        so.log_severity_level = 3
     so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     for k, v in (config or {}).items():
         so.add_session_config_entry(k, v)
