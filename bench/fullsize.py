@@ -211,6 +211,31 @@ def reference_child(ckpt: str, tokens: int) -> None:
     shutil.rmtree(os.environ["LLAMASHIP_CACHE"], ignore_errors=True)
 
 
+def npu_child(ckpt: str, out: str, ctx: int, compile_parts: int, quant_algo: str, dest: str) -> None:
+    """The NPU export of an 8B model with only its first `compile_parts` parts compiled: every unit
+    is calibrated and quantized and every part joined (the streamed build whose memory is the
+    point), and one part's weight-sharing compile is timed to extrapolate the rest."""
+    from llamaship.export.llama.load import load_checkpoint
+    from llamaship.export.qnn import export_qnn
+    from llamaship.quantize.scheme import QuantScheme
+    from llamaship.quantize.stage import quantize_checkpoint
+
+    c = load_checkpoint(ckpt, progress=print)
+    scheme = QuantScheme(algorithm=quant_algo)
+    t = time.perf_counter()
+    folder = Path(out) / "quant"
+    quantized = quantize_checkpoint(c.spec, c.state, c.tokenizer, scheme, folder, print)
+    stage_s = time.perf_counter() - t
+    res = export_qnn(c.spec, c.state, c.tokenizer, scheme, Path(out) / "qnn", max_context=ctx,
+                     soc_model="SM8650", progress=print, quantized=quantized, compile_parts=compile_parts)
+    cfg = res["config"]
+    Path(dest).write_text(json.dumps({
+        "stages_s": {"quantize_stage": round(stage_s, 1)} | {k: round(v, 1) for k, v in res["timings"].items()},
+        "parts": [p["layers"] for p in cfg["parts"] + cfg.get("parts_not_compiled", [])],
+        "compiled_parts": len(cfg["parts"]), "part_bytes": [p["bytes"] for p in cfg["parts"]],
+        "qnn_sdk_version": cfg["qnn_sdk_version"]}))
+
+
 def selfcheck_child(bundle: str, ckpt: str, tokens: int, dest: str) -> None:
     """The artifact against its own fake-quant reference: the bundle's quantize stage run again
     (rtn and hqq are deterministic; calibrated algorithms read the same validation text) and its
@@ -307,6 +332,27 @@ def selfcheck_row(export_row: dict, bundle: Path, ckpt: Path, tokens: int) -> di
     return row
 
 
+def npu_row(args: argparse.Namespace, ckpt: Path, out: Path) -> dict:  # type: ignore[type-arg]
+    """`npu_child` with its wall time and sampled peak anonymous memory."""
+    shutil.rmtree(out, ignore_errors=True)
+    dest = out.with_name(out.name + ".json")
+    dest.unlink(missing_ok=True)
+    algo = args.quant_algo or "rtn"
+    code, wall, anon_peak = sampled([sys.executable, __file__, "--child-npu", str(ckpt), str(out),
+                                     str(args.max_context), str(args.npu_compile_parts), algo, str(dest)])
+    row = {"model": args.model, "layers": args.layers, "layout": args.layout, "format": "qnn", "group_size": 32,
+           "stage": "npu_build", "exit": code, "wall_s": round(wall, 1), "quant_algo": algo,
+           "max_context": args.max_context, "peak_anon_gib": round(anon_peak / 1024**2, 2),
+           "host": {"cpus": os.cpu_count(), "torch": torch.__version__}}
+    if code == 0:
+        row |= json.loads(dest.read_text())
+        row["source_gb"] = round(folder_bytes(out / "qnn" / "source") / 1e9, 3)
+    if not args.keep:
+        shutil.rmtree(out, ignore_errors=True)
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def export_row(args: argparse.Namespace, ckpt: Path, bundle: Path, fmt: str, group: int) -> dict:  # type: ignore[type-arg]
     """`llamaship export` of one format and group size, with its wall time and sampled memory."""
     shutil.rmtree(bundle, ignore_errors=True)
@@ -348,6 +394,9 @@ def main() -> int:
     if sys.argv[1:2] == ["--child-reference"]:
         reference_child(sys.argv[2], int(sys.argv[3]))
         return 0
+    if sys.argv[1:2] == ["--child-npu"]:
+        npu_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7])
+        return 0
     if sys.argv[1:2] == ["--child-selfcheck"]:
         selfcheck_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
         return 0
@@ -373,6 +422,9 @@ def main() -> int:
                     "against its own fake-quant reference (the quantize stage run again, dequantized) and fp32")
     ap.add_argument("--existing", action="store_true",
                     help="reuse a bundle kept by an earlier --keep run instead of exporting it again")
+    ap.add_argument("--npu-compile-parts", type=int, default=0,
+                    help="the NPU build of the model with only its first N parts compiled (all parts quantized and "
+                         "joined): times one part's compile where all of them would take hours on 2 cores")
     ap.add_argument("--work", default="/tmp/llamaship-fullsize", help="where checkpoints and bundles go")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and bundles")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "fullsize.json"))
@@ -397,7 +449,10 @@ def main() -> int:
                      "eval_tokens": args.reference_tokens, "peak_anon_gib": round(anon_peak / 1024**2, 2),
                      "host": {"cpus": os.cpu_count(), "torch": torch.__version__}})
         print(json.dumps(rows[-1]), flush=True)
-    for fmt in ([] if args.reference_tokens and not args.format else args.format or ["executorch"]):
+    if args.npu_compile_parts:
+        rows.append(npu_row(args, ckpt, work / f"{name}-npu"))
+    for fmt in ([] if (args.reference_tokens or args.npu_compile_parts) and not args.format
+                else args.format or ["executorch"]):
         for group in args.group_size or [32]:
             bundle = work / f"{name}-{fmt}-g{group}"
             if args.existing and (bundle / "manifest.json").exists():

@@ -170,11 +170,14 @@ def export_qnn(
     progress: Callable[[str], None] = print,
     quantized: QuantizedCheckpoint | None = None,
     context_limit_gb: float | None = None,
+    compile_parts: int | None = None,
 ) -> dict[str, Any]:
     """Writes `out_dir`/ (see the module docstring). `max_context` is the cache size the graphs are
     compiled for (past slots = max_context - tokens per call). The float units hold the quantize
     stage's dequantized weights (so activations calibrate on what will run) and LPBQ derives from
-    its codes; without `quantized` the stage runs here."""
+    its codes; without `quantized` the stage runs here. `compile_parts` compiles only the first N
+    parts (bench/fullsize.py times one part of an 8B model and extrapolates): the folder is then
+    not a complete artifact, and its config says so."""
     from llamaship.runtime.qnn_session import in_child
 
     check_scheme(scheme, spec)
@@ -201,7 +204,7 @@ def export_qnn(
         described = _assemble(build, parts, spec, max_context, out_dir, progress)
         timings = build.timings | {"join_parts": time.perf_counter() - t}
         t = time.perf_counter()
-        for part in described:
+        for part in described[:compile_parts]:
             for stale in out_dir.glob(f"part{part['index']}_*"):  # the EP refuses to overwrite
                 stale.unlink()
             progress(f"qnn: compiling part {part['index'] + 1}/{len(described)}'s prefill and decode graphs into "
@@ -219,7 +222,10 @@ def export_qnn(
     finally:
         stack.close()
         shutil.rmtree(work, ignore_errors=True)
-    config = _config(spec, described, max_context, soc_model, limit)
+    config = _config(spec, described[:compile_parts], max_context, soc_model, limit)
+    if compile_parts is not None and compile_parts < len(described):
+        config["incomplete"] = f"only {compile_parts} of {len(described)} parts compiled (a timing run)"
+        config["parts_not_compiled"] = described[compile_parts:]
     (out_dir / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return {"timings": timings, "quantization": build.described, "config": config}
 

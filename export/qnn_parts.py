@@ -1,11 +1,11 @@
 """How the NPU graph is cut into parts, and each part's inputs and outputs.
 
 Why parts: the Hexagon HTP addresses a context's weights in a 32-bit space, so a 7B/8B model does
-not fit one context binary; Qualcomm AI Hub ships Llama 2 7B and Llama 3 8B as 4-5 parts of ~1-2 GB
-(qualcomm/ai-hub-models issue 100: "the address space limitation of the Hexagon"). Qualcomm does
-not publish the limit as a number; the default here (1.5 GiB of weights per binary) gives Llama 3
-8B 4 parts of 1.1-1.3 GiB (AI Hub ships 5) and Llama 2 7B 3, and a profile can set its own. A part
-holds a
+not fit one context binary; Qualcomm AI Hub ships Llama 2 7B and Llama 3 8B in several parts
+(qualcomm/ai-hub-models issue 100, a Llama 2 7B in 8 binaries: "the address space limitation of
+the Hexagon"). Qualcomm does not publish the limit as a number; the default here (1.5 GiB of
+weights per binary) gives Llama 3 8B 4 parts of 1.1-1.3 GiB and Llama 2 7B 3, and a profile can
+set its own. A part holds a
 contiguous range of layers; the first also holds the embedding, the last the final norm and
 lm_head, and each holds its own copy of the small RoPE tables. The app passes the hidden state from
 one part to the next and owns every layer's KV cache.

@@ -370,3 +370,10 @@ def test_parts_follow_the_htp_context_limit():
     assert plan_parts(smol, scheme, 2048, limit) == [(0, smol.n_layers)]
     with pytest.raises(UnsupportedError, match="htp_context_limit_gb"):
         plan_parts(spec, scheme, 2048, limit_bytes(1.0))  # the 16-bit embedding alone is 1.05 GB
+    from llamaship.targets.fit import predict_fit
+    from llamaship.targets.profile import load_profile
+
+    fit = predict_fit(spec, scheme, load_profile("qualcomm"))  # what `llamaship fit` and the report say
+    assert [p["layers"] for p in fit.npu_parts] == [[0, 2], [2, 14], [14, 26], [26, 32]]
+    assert "NPU: 4 part(s)" in fit.summary()
+    assert predict_fit(spec, scheme, load_profile("x86_emulator")).npu_parts == []  # no SoC, no NPU artifact
