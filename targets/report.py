@@ -44,6 +44,12 @@ def _npu_part_notes(report: dict[str, Any]) -> list[str]:
     """What an app developer must know of an NPU artifact: its parts, graphs and QNN version."""
     lines: list[str] = []
     for a in report["artifacts"]:
+        dec = (a.get("accuracy") or {}).get("decode_graph")
+        if dec:
+            lines += ["", f"{a['path']}'s decode graph (1 token per call), positions {dec['positions']}: KLD "
+                      f"{dec['mean_kld']:.4f} against fp32 (its prefill graph there: "
+                      f"{dec['prefill_graph_mean_kld']:.4f}), KLD {dec['kld_vs_prefill_graph']:.4f} from the "
+                      f"prefill graph's rows, same argmax at {dec['argmax_agreement_vs_prefill_graph']:.0%} of them."]
         if a.get("parts"):
             parts, graphs = a["parts"], a["parts"].get("graphs", {})
             calls = " and ".join(f"a {g} graph ({v['tokens_per_call']} token{'s' if v['tokens_per_call'] > 1 else ''} "

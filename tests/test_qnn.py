@@ -335,12 +335,16 @@ def test_qualcomm_bundle_ships_and_gates_the_npu_artifact(tmp_path, gguf_path):
     acc = npu["accuracy"]
     assert acc["scored_tokens"] == 2 * 128 and acc["cpu_artifact"]["path"] == "model.pte"
     assert acc["kld_ratio_vs_cpu"] == pytest.approx(acc["mean_kld"] / acc["cpu_artifact"]["mean_kld"])
+    dec = acc["decode_graph"]  # validation also decodes through the 1-token graph
+    assert dec["calls"]["decode"] == 8 and dec["argmax_agreement_vs_prefill_graph"] >= 0.75, dec  # flat logits: near-ties
+    assert dec["kld_vs_prefill_graph"] < 0.01 and abs(dec["mean_kld"] - dec["prefill_graph_mean_kld"]) < 0.05, dec
     target = next(t for t in report["targets"] if t["artifact"] == art["path"])
     gates = {g["gate"]: g for g in target["gates"]}
     assert set(gates) >= {"max_kld", "max_kld_ratio_vs_cpu", "ram_budget"}
     assert target["passed"] == all(g["passed"] for g in gates.values())
     assert gates["max_kld"]["value"] == pytest.approx(acc["mean_kld"], abs=1e-4)
     assert f"Accuracy of {art['path']} is on a slice of its own" in (out / "report.md").read_text()
+    assert "decode graph (1 token per call)" in (out / "report.md").read_text()
 
 
 def test_a_crashing_htp_process_is_a_clear_error():

@@ -15,6 +15,7 @@ from llamaship.quantize.storage import LPBQ
 
 FOLDER = "qnn"
 SMOKE_TOKENS = 4  # the prompt is one 128-token call on the HTP simulator (~35 s for SmolLM2), each token a decode call
+DECODE_CHECK_TOKENS = 8  # decode-graph calls validation makes (~12 s each for SmolLM2 on the simulator)
 SIMULATOR_NOTE = "HTP simulator on x86: its speed says nothing about a phone's"
 
 
@@ -30,6 +31,33 @@ def qnn_target(profiles: list[Any]) -> tuple[str, str, float | None]:
             limit = p.extra.get("htp_context_limit_gb")
             return soc, arch, None if limit is None else float(limit)
     return SOC_MODELS["v75"], "v75", None
+
+
+def decode_check(module: Any, npu_slice: Any, reference: Any, prefill_logits: Any,
+                 progress: Any) -> dict[str, Any]:
+    """The decode graph on the slice's first window: its first scored half's start through the
+    prefill graph, then DECODE_CHECK_TOKENS tokens one by one through the decode graph, scored
+    against the fp32 reference and against the prefill graph's rows at the same positions (so a
+    decode graph that reads the cache wrong cannot pass on the prefill graph's figures)."""
+    import numpy as np
+    import torch
+
+    from llamaship.targets.accuracy import _Accumulator
+
+    window, start, n = next(npu_slice.windows()), npu_slice.first_scored, DECODE_CHECK_TOKENS
+    progress(f"NPU decode graph: {n} tokens one by one after a {start}-token prompt (first window)")
+    module.forward(window[:start], 0)
+    rows = torch.cat([module.forward([window[start + i]], start + i) for i in range(n)])
+    targets = torch.tensor(window[start + 1 : start + 1 + n])
+    ref = torch.from_numpy(np.array(reference[0][:n], dtype=np.float32))
+    dec, pre = _Accumulator(), _Accumulator()
+    dec.add(rows, ref, targets)
+    pre.add(prefill_logits[start : start + n], ref, targets)
+    lp, lq = torch.log_softmax(prefill_logits[start : start + n].float(), -1), torch.log_softmax(rows.float(), -1)
+    return {"positions": f"{start}-{start + n - 1} of the first window", "calls": module.calls(),
+            "mean_kld": dec.kld / dec.n, "prefill_graph_mean_kld": pre.kld / pre.n,
+            "kld_vs_prefill_graph": float((lp.exp() * (lp - lq)).sum(-1).mean()),
+            "argmax_agreement_vs_prefill_graph": float((lp.argmax(-1) == lq.argmax(-1)).float().mean())}
 
 
 class Qnn(Backend):
@@ -127,8 +155,17 @@ class Qnn(Backend):
         npu_slice = accuracy.make_slice(ckpt.tokenizer, n_tokens, 2 * chunk)
         progress(f"NPU accuracy slice: {npu_slice.describe()} (HTP simulator: ~{npu_slice.n_windows * 2} chunk calls)")
         reference = streamed_logprobs(ckpt.spec, ckpt.state, npu_slice, ckpt.sha256(), progress)
+        first: list[Any] = []  # the first window's logits, from the prefill graph
+
+        def forward(tokens: list[int], start: int) -> Any:
+            logits = module.forward(tokens, start)
+            if not first:
+                first.append(logits)
+            return logits
+
         with self.load_module(ctx.folder, art) as module:  # type: ignore[attr-defined]
-            acc = accuracy.evaluate_chunked(module.forward, npu_slice, reference, progress).to_json()
+            acc = accuracy.evaluate_chunked(forward, npu_slice, reference, progress).to_json()
+            acc["decode_graph"] = decode_check(module, npu_slice, reference, first[0], progress)
         cpu = next((a for a in ctx.manifest.get("artifacts", []) if ctx.backend_of(a).cpu_reference), None)
         if cpu is not None and cpu["max_context"] >= npu_slice.window:
             progress(f"accuracy of {cpu['path']} on the NPU slice, for the NPU/CPU comparison")
