@@ -183,8 +183,14 @@ def table(rows: list[dict]) -> str:  # type: ignore[type-arg]
             own, codes = r["artifact_vs_own_fake_quant"], r["own_fake_quant_vs_fp32"]
             done = (f"{r['wall_s'] / 60:.1f} min: KLD {own['mean_kld']:.4f}, top-1 {own['top1_agreement']:.0%} "
                     f"vs its own codes' fake-quant model (which is KLD {codes['mean_kld']:.4f} from fp32)")
+        if stage == "npu_build" and r["exit"] == 0:
+            peaks = ", ".join(f"{k} {v:.1f}" for k, v in r["stage_peak_anon_gib"].items())
+            done = (f"{r['wall_s'] / 60:.1f} min, context {r['max_context']}, {len(r['parts'])} parts "
+                    f"({r['compiled_parts']} compiled); peak GiB per stage: {peaks}")
+            r = r | {"artifact_gb": sum(b["context_binary"] for b in r["part_bytes"]) / 1e9}
         size = f"{r['artifact_gb']:.2f} GB" if r["exit"] == 0 and "artifact_gb" in r else ""
-        what = FORMAT_NAMES[fmt] + {"validate": ", validate", "selfcheck": ", own fake-quant check"}.get(stage, "") + \
+        what = FORMAT_NAMES[fmt] + {"validate": ", validate", "selfcheck": ", own fake-quant check",
+                                    "npu_build": ", streamed build"}.get(stage, "") + \
             (f", {r['eval_tokens']} tokens" if "eval_tokens" in r else "")
         fit = f"{r['fit_weights_gb']:.2f} GB" if "fit_weights_gb" in r else ""
         lines.append(f"| {name} | {what} | {group or ''} | {done} | {_gib(r, 'peak_anon_gib')} "
@@ -211,26 +217,45 @@ def reference_child(ckpt: str, tokens: int) -> None:
     shutil.rmtree(os.environ["LLAMASHIP_CACHE"], ignore_errors=True)
 
 
+STAGE_OF = (("quantize", "quantize_stage"), ("qnn: units", "units"), ("qnn: part", "join"),
+            ("qnn: compiling", "compile"))  # progress message prefix -> the stage whose memory it starts
+
+
 def npu_child(ckpt: str, out: str, ctx: int, compile_parts: int, quant_algo: str, dest: str) -> None:
-    """The NPU export of an 8B model with only its first `compile_parts` parts compiled: every unit
-    is calibrated and quantized and every part joined (the streamed build whose memory is the
-    point), and one part's weight-sharing compile is timed to extrapolate the rest."""
+    """The NPU export of an 8B model (with only its first `compile_parts` parts compiled when not 0):
+    every unit is calibrated and quantized and every part joined: the streamed build whose memory
+    is the point. A thread samples the anonymous memory of this process and its children (the
+    compile runs in one) twice a second and keeps the peak of each stage."""
+    import threading
+
     from llamaship.export.llama.load import load_checkpoint
     from llamaship.export.qnn import export_qnn
     from llamaship.quantize.scheme import QuantScheme
     from llamaship.quantize.stage import quantize_checkpoint
 
+    stage, peaks, done = ["load"], {}, threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.5):
+            peaks[stage[0]] = max(peaks.get(stage[0], 0), tree_anon_kb(os.getpid()))
+
+    def progress(msg: str) -> None:
+        print(msg, flush=True)
+        stage[0] = next((name for prefix, name in STAGE_OF if msg.startswith(prefix)), stage[0])
+
+    threading.Thread(target=sample, daemon=True).start()
     c = load_checkpoint(ckpt, progress=print)
     scheme = QuantScheme(algorithm=quant_algo)
     t = time.perf_counter()
-    folder = Path(out) / "quant"
-    quantized = quantize_checkpoint(c.spec, c.state, c.tokenizer, scheme, folder, print)
+    quantized = quantize_checkpoint(c.spec, c.state, c.tokenizer, scheme, Path(out) / "quant", progress)
     stage_s = time.perf_counter() - t
     res = export_qnn(c.spec, c.state, c.tokenizer, scheme, Path(out) / "qnn", max_context=ctx,
-                     soc_model="SM8650", progress=print, quantized=quantized, compile_parts=compile_parts)
+                     soc_model="SM8650", progress=progress, quantized=quantized, compile_parts=compile_parts or None)
+    done.set()
     cfg = res["config"]
     Path(dest).write_text(json.dumps({
         "stages_s": {"quantize_stage": round(stage_s, 1)} | {k: round(v, 1) for k, v in res["timings"].items()},
+        "stage_peak_anon_gib": {k: round(v / 1024**2, 2) for k, v in peaks.items()},
         "parts": [p["layers"] for p in cfg["parts"] + cfg.get("parts_not_compiled", [])],
         "compiled_parts": len(cfg["parts"]), "part_bytes": [p["bytes"] for p in cfg["parts"]],
         "qnn_sdk_version": cfg["qnn_sdk_version"]}))
@@ -333,13 +358,13 @@ def selfcheck_row(export_row: dict, bundle: Path, ckpt: Path, tokens: int) -> di
 
 
 def npu_row(args: argparse.Namespace, ckpt: Path, out: Path) -> dict:  # type: ignore[type-arg]
-    """`npu_child` with its wall time and sampled peak anonymous memory."""
+    """`npu_child` with its wall time, its sampled peak anonymous memory, and each stage's."""
     shutil.rmtree(out, ignore_errors=True)
     dest = out.with_name(out.name + ".json")
     dest.unlink(missing_ok=True)
     algo = args.quant_algo or "rtn"
     code, wall, anon_peak = sampled([sys.executable, __file__, "--child-npu", str(ckpt), str(out),
-                                     str(args.max_context), str(args.npu_compile_parts), algo, str(dest)])
+                                     str(args.max_context), str(args.npu), algo, str(dest)])
     row = {"model": args.model, "layers": args.layers, "layout": args.layout, "format": "qnn", "group_size": 32,
            "stage": "npu_build", "exit": code, "wall_s": round(wall, 1), "quant_algo": algo,
            "max_context": args.max_context, "peak_anon_gib": round(anon_peak / 1024**2, 2),
@@ -422,9 +447,9 @@ def main() -> int:
                     "against its own fake-quant reference (the quantize stage run again, dequantized) and fp32")
     ap.add_argument("--existing", action="store_true",
                     help="reuse a bundle kept by an earlier --keep run instead of exporting it again")
-    ap.add_argument("--npu-compile-parts", type=int, default=0,
-                    help="the NPU build of the model with only its first N parts compiled (all parts quantized and "
-                         "joined): times one part's compile where all of them would take hours on 2 cores")
+    ap.add_argument("--npu", type=int, default=-1, metavar="N",
+                    help="the NPU build of the model, with each stage's peak memory; N > 0 compiles only the first "
+                         "N parts (all are quantized and joined), 0 compiles them all")
     ap.add_argument("--work", default="/tmp/llamaship-fullsize", help="where checkpoints and bundles go")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and bundles")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "fullsize.json"))
@@ -449,9 +474,9 @@ def main() -> int:
                      "eval_tokens": args.reference_tokens, "peak_anon_gib": round(anon_peak / 1024**2, 2),
                      "host": {"cpus": os.cpu_count(), "torch": torch.__version__}})
         print(json.dumps(rows[-1]), flush=True)
-    if args.npu_compile_parts:
+    if args.npu >= 0:
         rows.append(npu_row(args, ckpt, work / f"{name}-npu"))
-    for fmt in ([] if (args.reference_tokens or args.npu_compile_parts) and not args.format
+    for fmt in ([] if (args.reference_tokens or args.npu >= 0) and not args.format
                 else args.format or ["executorch"]):
         for group in args.group_size or [32]:
             bundle = work / f"{name}-{fmt}-g{group}"
