@@ -43,7 +43,7 @@ import torch
 from llamaship.errors import ExportError, RuntimeFailure, UnsupportedError
 from llamaship.export.llama.spec import ModelSpec
 from llamaship.export.llama.tokenizer import Tokenizer
-from llamaship.export.qnn_build import StreamedBuild, calibration_chunks
+from llamaship.export.qnn_build import StreamedBuild, UnitBuild, calibration_chunks
 from llamaship.export.qnn_graph import MASK_MIN, StaticCacheRunner
 from llamaship.export.qnn_parts import io_shapes, limit_bytes, part_bytes, part_io, plan_parts
 from llamaship.export.qnn_units import units_of
@@ -134,7 +134,7 @@ def read_back(folder: Path, part: dict[str, Any]) -> dict[str, Any]:
     return {"context_binary": binaries.pop(), "qnn_sdk_version": versions.pop()}
 
 
-def _assemble(build: Any, parts: list[tuple[int, int]], spec: ModelSpec, ctx: int, out_dir: Path,
+def _assemble(build: UnitBuild, parts: list[tuple[int, int]], spec: ModelSpec, ctx: int, out_dir: Path,
               progress: Callable[[str], None]) -> list[dict[str, Any]]:
     """Joins each part's quantized units into source/part<k>_{prefill,decode}.onnx + part<k>.data."""
     import onnx

@@ -336,7 +336,8 @@ def test_qualcomm_bundle_ships_and_gates_the_npu_artifact(tmp_path, gguf_path):
     assert acc["scored_tokens"] == 2 * 128 and acc["cpu_artifact"]["path"] == "model.pte"
     assert acc["kld_ratio_vs_cpu"] == pytest.approx(acc["mean_kld"] / acc["cpu_artifact"]["mean_kld"])
     dec = acc["decode_graph"]  # validation also decodes through the 1-token graph
-    assert dec["calls"]["decode"] == 8 and dec["argmax_agreement_vs_prefill_graph"] >= 0.75, dec  # flat logits: near-ties
+    # the tiny model's logits are flat: near-ties may flip between the two graphs' 16-bit grids
+    assert dec["calls"]["decode"] == 8 and dec["argmax_agreement_vs_prefill_graph"] >= 0.75, dec
     assert dec["kld_vs_prefill_graph"] < 0.01 and abs(dec["mean_kld"] - dec["prefill_graph_mean_kld"]) < 0.05, dec
     target = next(t for t in report["targets"] if t["artifact"] == art["path"])
     gates = {g["gate"]: g for g in target["gates"]}

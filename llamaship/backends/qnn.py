@@ -1,5 +1,6 @@
-"""The Snapdragon NPU artifact: a w4a16 QNN context binary (4-bit LPBQ weights, 16-bit activations
-calibrated on WikiText-2 validation) wrapped in an onnxruntime-qnn EP-context model, run here on
+"""The Snapdragon NPU artifact: per part, a prefill and a decode graph in one weight-sharing w4a16
+QNN context binary (4-bit LPBQ weights, 16-bit activations calibrated on WikiText-2 validation),
+loaded through onnxruntime-qnn EP-context models; validated here by running the graphs' sources on
 the QNN HTP simulator that onnxruntime-qnn ships for x86_64."""
 
 from __future__ import annotations
