@@ -40,17 +40,20 @@ def expected_bytes(spec: ModelSpec, scheme: QuantScheme | None, formats: Iterabl
                    weight_bytes: float = 0.0) -> int:
     """What the export writes, at most, for these formats (an estimate with a margin): each
     format's predicted file size (`targets.fit.predict_sizes`, the numbers `llamaship fit` prints),
-    plus an fp32 graph where the export writes one first. A format without a size model counts
-    `disk_factor` times `weight_bytes`."""
+    times the copies it holds at its peak, plus an fp32 graph where the export writes one first (the
+    NPU's streamed build: its largest unit's). A format without a size model counts `disk_factor`
+    times `weight_bytes`."""
     from llamaship.targets.fit import predict_sizes
 
     predicted = predict_sizes(spec, scheme)
     total = 0.0
     for fmt in formats:
         backend = backends.get(fmt)
-        total += predicted.get(fmt, backend.disk_factor * weight_bytes)
+        total += backend.disk_copies * predicted.get(fmt, backend.disk_factor * weight_bytes)
         if backend.fp32_graph_on_disk:
             total += 4.0 * spec.param_count()
+        elif backend.disk_copies > 1:  # a streamed build: one unit's fp32 graph at a time, the largest vocab-sized
+            total += 4.0 * spec.vocab_size * spec.dim
     return int(MARGIN * total) + SLACK_BYTES
 
 

@@ -103,6 +103,7 @@ class Backend:
     runtime: ClassVar[str]  # what validation scores it on, in words
     disk_factor: ClassVar[float] = 1.1  # bytes on disk per byte of fit-model weights (preflight)
     fp32_graph_on_disk: ClassVar[bool] = False  # the export writes an fp32 graph first (preflight)
+    disk_copies: ClassVar[float] = 1.0  # copies of its predicted size on disk at the export's peak (preflight)
     needs_calibration_text: ClassVar[bool] = False  # calibrates on WikiText-2 validation (preflight)
     speed_elsewhere: ClassVar[str | None] = None  # why its speed is not measured on this host
     shares_eval_slice: ClassVar[bool] = True  # False: scored on a slice of its own

@@ -72,7 +72,8 @@ class Qnn(Backend):
     storage = LPBQ
     runtime = "onnxruntime-qnn on the QNN HTP backend (its x86_64 simulator here)"
     disk_factor = 1.2
-    fp32_graph_on_disk = True
+    disk_copies = 3.0  # the context binaries, their source graphs, and every unit's quantized graph until the join
+    fp32_graph_on_disk = False  # one unit's fp32 graph at a time (preflight counts the largest: a vocab-sized one)
     needs_calibration_text = True
     speed_elsewhere = ("not measured (the HTP here is a simulator); the Qualcomm profile reports the bandwidth "
                        "roofline, and profiling/ measures it on a phone")
