@@ -85,7 +85,8 @@ def drive(run: Callable[[Feeds], Feeds], unit: Unit, chunks: list[Chunk], inputs
         yield full, out
 
 
-def _session_runner(model: Path) -> Callable[[Feeds], Feeds]:
+def cpu_runner(model: Path) -> Callable[[Feeds], Feeds]:
+    """`model` on onnxruntime's CPU EP: feeds -> every output by name."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -127,7 +128,7 @@ class StreamedBuild:
         del module
         t2 = time.perf_counter()
         self.seconds["float_graphs"] += t2 - t
-        feeds = (f for f, _ in drive(_session_runner(float_path), unit, self.chunks, inputs, self.spec, self.ctx))
+        feeds = (f for f, _ in drive(cpu_runner(float_path), unit, self.chunks, inputs, self.spec, self.ctx))
         described = quantize_w4a16(float_path, qdq_path, feeds, self.scheme, quantized=self.quantized,
                                    layer=unit.layer if unit.kind == "block" else None, fixed=fixed, whole=False)
         shutil.rmtree(folder, ignore_errors=True)
@@ -135,7 +136,7 @@ class StreamedBuild:
         self.described = self.described or described
         t3 = time.perf_counter()
         self.seconds["calibrate_and_quantize"] += t3 - t2
-        outs = [o for _, o in drive(_session_runner(qdq_path), unit, self.chunks, inputs, self.spec, self.ctx)]
+        outs = [o for _, o in drive(cpu_runner(qdq_path), unit, self.chunks, inputs, self.spec, self.ctx)]
         self.seconds["quantized_outputs"] += time.perf_counter() - t3
         self.qdq[unit.name] = qdq_path
         return outs

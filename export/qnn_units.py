@@ -108,16 +108,6 @@ class EmbedUnit(nn.Module):
         return self.tok_embeddings(input_ids)
 
 
-class BlockUnit(nn.Module):
-    def __init__(self, block: StaticBlock) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention_mask: torch.Tensor,
-                past_keys: torch.Tensor, past_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.block(h, cos, sin, attention_mask, past_keys, past_values)
-
-
 class HeadUnit(nn.Module):
     def __init__(self, norm: RMSNorm, output: torch.Tensor) -> None:
         super().__init__()
@@ -147,7 +137,7 @@ def unit_module(unit: Unit, spec: ModelSpec, state: Mapping[str, torch.Tensor], 
                           strict=False, assign=True)
     att = block.attention
     att.k_cache = att.v_cache = torch.empty(0)  # the app owns the cache: the module's own is never allocated
-    return BlockUnit(StaticBlock(block, spec)).eval()
+    return StaticBlock(block, spec).eval()
 
 
 def example_inputs(unit: Unit, spec: ModelSpec, ar: int, ctx: int) -> tuple[torch.Tensor, ...]:

@@ -137,8 +137,7 @@ def qnn_inputs(bundle: Path, art: dict[str, Any], tokens: list[int]) -> tuple[di
     """The NPU artifact's inputs as the app builds them, in each graph's input order: the prefill
     graph's for `tokens[:-1]` (at most 128) from an empty cache, and the decode graph's for the
     last token, its cache from the prefill graph run here on the CPU."""
-    import onnxruntime as ort
-
+    from llamaship.export.qnn_build import cpu_runner
     from llamaship.targets.qnn_app import PartsRunner
 
     cfg = json.loads((bundle / art["config"]).read_text())
@@ -148,9 +147,8 @@ def qnn_inputs(bundle: Path, art: dict[str, Any], tokens: list[int]) -> tuple[di
                                "through the app")
     part = cfg["parts"][0]
     folder = (bundle / art["config"]).parent
-    sess = ort.InferenceSession(str(folder / part["source"]["prefill"]), providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    runner = PartsRunner(lambda k, g, f: dict(zip(names, sess.run(names, f), strict=True)), cfg)
+    run = cpu_runner(folder / part["source"]["prefill"])
+    runner = PartsRunner(lambda k, g, f: run(f), cfg)
     prompt = tokens[:-1][: cfg["graphs"]["prefill"]["tokens_per_call"]]
     feeds = [runner.feeds(part, "prefill", prompt, None)]
     runner.forward(prompt, 0)
